@@ -1,0 +1,33 @@
+# fedweights — `make demo` runs the main job, `make test` runs the suite (both set up .venv first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast bench proto clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The pinned CPU wheel first: an unpinned torch could pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedweights simulate --clients 4 --rounds 5 --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	mkdir -p bench/results
+	$(BIN)/python -m bench.run_all --out bench/results
+
+clean:
+	rm -rf $(VENV) runs bench/results .pytest_cache

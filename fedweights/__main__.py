@@ -1,0 +1,5 @@
+"""`python -m fedweights` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,24 @@
+"""The `fedweights` command line."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import UserError
+from . import simulate as _simulate  # noqa: F401 - registers `fedweights simulate`
+from .app import app, err_console
+
+
+def main() -> None:
+    """Entry point: run the CLI; user errors print one clear line and exit non-zero."""
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+__all__ = ["app", "main"]

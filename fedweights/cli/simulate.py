@@ -1,0 +1,58 @@
+"""`fedweights simulate`: a whole federation in this process on Flower's simulation engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..config import load_config
+from ..flower.simulation import simulate
+from ..progress import RichReporter
+from .app import app, console, given
+
+
+@app.command("simulate")
+def simulate_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="Run config TOML; CLI options override it."),
+    clients: Optional[int] = typer.Option(None, help="Number of simulated clients (default: 4)."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds (default: 5)."),
+    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round (default: 1)."),
+    batch_size: Optional[int] = typer.Option(None, help="Local batch size (default: 16)."),
+    lr: Optional[float] = typer.Option(None, help="Local SGD learning rate (default: 0.1)."),
+    partition: Optional[str] = typer.Option(None, help="iid | dirichlet (default: iid)."),
+    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration; small = label skew (default: 0.5)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for splits, init and sampling (default: 0)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default: auto)."),
+    dataset: Optional[str] = typer.Option(None, help="digits | fashion-mnist (default: digits)."),
+    model: Optional[str] = typer.Option(None, help="mlp | cnn (default: mlp)."),
+    task: Optional[str] = typer.Option(None, help="Your own task: 'package.module:function' returning fedweights.Task."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<timestamp>)."),
+    dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Record-level DP-SGD on clients."),
+    he: Optional[bool] = typer.Option(None, "--he/--no-he", help="Homomorphically encrypted aggregation."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+) -> None:
+    """Run a federation in-process (Flower simulation engine, Ray backend)."""
+    overrides = given(
+        {
+            "clients": clients,
+            "rounds": rounds,
+            "local_epochs": local_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "partition": partition,
+            "alpha": alpha,
+            "seed": seed,
+            "device": device,
+            "dataset": dataset,
+            "model": model,
+            "task": task,
+            "out": str(out) if out else None,
+            "dp.enabled": dp,
+            "he.enabled": he,
+        }
+    )
+    run_config = load_config(config, overrides)
+    result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
+    console.print(f"Run directory: [bold]{result.run_dir}[/bold]")

@@ -1,0 +1,87 @@
+"""The fedweights ClientApp: trains the global model on the node's own data and evaluates it.
+
+Replies carry ``arrays`` (the locally trained weights) and ``metrics`` with ``num-examples``
+(the aggregation weight) plus ``train_loss`` or ``eval_loss``/``eval_accuracy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
+
+from ..task import ClientData
+from ..training import evaluate, make_optimizer, select_device, train_epochs
+from .runtime import Runtime, node_partition, runtime_from_context
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+NUM_EXAMPLES = "num-examples"
+
+
+def build_client_app(runtime_fn: Callable[[Context], Runtime] = runtime_from_context) -> ClientApp:
+    """A ClientApp whose run settings come from ``runtime_fn(context)``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_reply(msg, context, runtime_fn(context))
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return evaluate_reply(msg, context, runtime_fn(context))
+
+    return app
+
+
+def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
+    """Train the received global model locally and reply with the new weights."""
+    config = runtime.config
+    server_round = int(msg.content[CONFIG].get("server-round", 0))
+    pid, num = node_partition(context, config)
+    data = _client_data(runtime, pid, num)
+    device = select_device(config.device)
+    model = _model_from(msg, runtime)
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round * 1_009 + pid)
+    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+    optimizer = make_optimizer(model, config.lr, config.momentum)
+    loss = train_epochs(model, loader, optimizer, config.local_epochs, device)
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(model.cpu().state_dict()),
+            METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
+    """Evaluate the received global model on this node's test shard."""
+    config = runtime.config
+    pid, num = node_partition(context, config)
+    data = _client_data(runtime, pid, num)
+    model = _model_from(msg, runtime)
+    loss, accuracy, count = evaluate(model, DataLoader(data.test, batch_size=256), select_device(config.device))
+    if count == 0:  # more clients than test examples: this node has nothing to evaluate
+        loss, accuracy = 0.0, 0.0
+    metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy, NUM_EXAMPLES: count})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _model_from(msg: Message, runtime: Runtime) -> torch.nn.Module:
+    model = runtime.task().model_fn()
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    return model
+
+
+@lru_cache(maxsize=8)
+def _client_data(runtime: Runtime, partition_id: int, num_partitions: int) -> ClientData:
+    return runtime.task().client_data(partition_id, num_partitions, runtime.config)
+
+
+app = build_client_app()

@@ -1,0 +1,150 @@
+"""The coordinator's round loop: sample → train → aggregate → evaluate → record, for R rounds.
+
+It drives any Flower ``Strategy`` through its hooks (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) like ``Strategy.start`` does, and adds what a
+run needs: per-round records in the run directory, failure reasons, a minimum number of
+usable replies per round, and ``RoundHooks`` where privacy ledgers and checkpoints plug in.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from ..errors import RunFailed
+from ..progress import RichReporter
+from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..strategies import build_strategy
+from .runtime import Runtime
+
+
+class RoundHooks:
+    """Extension points of the round loop; subclass and override what you need."""
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        """Called with every train reply of a round before any update is aggregated."""
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        """Called after a round's record is written, with the new global arrays."""
+
+
+@dataclass
+class RunResult:
+    """Where a run's files are and what each round produced."""
+
+    run_dir: Path
+    rounds: list[RoundRecord]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """eval_accuracy of the last round."""
+        return self.rounds[-1].eval_accuracy if self.rounds else None
+
+
+def run_federation(
+    grid: Grid,
+    runtime: Runtime,
+    reporter: RichReporter | None = None,
+    hooks: Iterable[RoundHooks] = (),
+) -> RunResult:
+    """Run ``runtime.config.rounds`` rounds on ``grid`` and write the run directory."""
+    config = runtime.config
+    reporter = reporter or RichReporter()
+    hooks = list(hooks)
+    run_dir = RunDir(config.out or default_run_dir())
+    random.seed(config.seed)  # Flower samples nodes with the global `random`
+    torch.manual_seed(config.seed)
+    model = runtime.task().model_fn()
+    arrays = ArrayRecord(model.state_dict())
+    strategy = build_strategy(config)
+    run_dir.start(config, run_id=uuid.uuid4().hex[:12])
+    reporter.run_started(config.rounds, config.clients, str(run_dir.path))
+    records: list[RoundRecord] = []
+    try:
+        for server_round in range(1, config.rounds + 1):
+            started = time.monotonic()
+            arrays, train_metrics, failures, used = _train_round(grid, strategy, runtime, server_round, arrays, hooks)
+            eval_metrics = _evaluate_round(grid, strategy, config.round_timeout, server_round, arrays)
+            record = RoundRecord(
+                round=server_round,
+                train_loss=_metric(train_metrics, "train_loss"),
+                eval_loss=_metric(eval_metrics, "eval_loss"),
+                eval_accuracy=_metric(eval_metrics, "eval_accuracy"),
+                num_clients=used,
+                seconds=round(time.monotonic() - started, 4),
+                failures=failures,
+            )
+            records.append(record)
+            run_dir.append_round(record)
+            for hook in hooks:
+                hook.on_round_end(record, arrays)
+            reporter.round_finished(record, config.rounds)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        run_dir.save_model(model.state_dict(), {"rounds": str(config.rounds), "format": "pt"})
+    except BaseException as exc:
+        run_dir.set_status("failed", error=str(exc) or type(exc).__name__)
+        raise
+    run_dir.set_status("completed")
+    reporter.run_finished(records)
+    return RunResult(run_dir.path, records)
+
+
+def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: ArrayRecord, hooks):
+    config = runtime.config
+    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
+    failures = failure_reasons(sent, replies)
+    for hook in hooks:
+        hook.on_train_replies(server_round, replies)
+    usable = [r for r in replies if not r.has_error()]
+    needed = max(1, min(config.min_replies, len(sent)))
+    if len(usable) < needed:
+        raise RunFailed(
+            f"round {server_round} got {len(usable)} usable update(s) of {len(sent)} sent; "
+            f"at least {needed} needed. Failures: {_summarise(failures)}"
+        )
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    if new_arrays is None:
+        raise RunFailed(f"round {server_round}: the strategy produced no model. Failures: {_summarise(failures)}")
+    return new_arrays, metrics, failures, len(usable)
+
+
+def _evaluate_round(grid, strategy, timeout: float, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    if not messages:
+        return None
+    return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+
+
+def failure_reasons(sent: Sequence[Message], replies: Sequence[Message]) -> list[dict[str, str]]:
+    """Why each sampled node gave no usable reply: its error, or no reply within the timeout."""
+    failures = [
+        {"node": str(r.metadata.src_node_id), "reason": r.error.reason} for r in replies if r.has_error()
+    ]
+    answered = {r.metadata.src_node_id for r in replies}
+    failures += [
+        {"node": str(m.metadata.dst_node_id), "reason": "no reply within round_timeout"}
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    ]
+    return failures
+
+
+def _summarise(failures: list[dict[str, str]]) -> str:
+    if not failures:
+        return "none reported"
+    return "; ".join(f"node {f['node']}: {f['reason'].strip().splitlines()[-1][:300]}" for f in failures)
+
+
+def _metric(metrics: MetricRecord | None, key: str) -> float | None:
+    if metrics is None or key not in metrics:
+        return None
+    return float(metrics[key])

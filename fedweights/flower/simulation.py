@@ -1,0 +1,104 @@
+"""Run a whole federation in this process on Flower's simulation engine (Ray backend)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import RunFailed, UserError
+from ..progress import RichReporter
+from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..task import Task, save_task
+from ..training import select_device
+from .client_app import build_client_app
+from .round_loop import RunResult
+from .runtime import Runtime, fixed_runtime
+from .server_app import build_server_app
+
+TASK_FILE = ".task.pkl"
+
+
+def simulate(
+    config: RunConfig,
+    task: Task | None = None,
+    reporter: RichReporter | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Train ``task`` (default: the built-in one the config names) with ``config.clients``
+    simulated clients for ``config.rounds`` rounds; return the run's records.
+
+    Raises ``UserError`` for bad settings (before any process starts) and ``RunFailed`` when
+    the run cannot complete.
+    """
+    config.validate()
+    _refuse_unavailable(config)
+    out = Path(config.out) if config.out else default_run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, out=str(out.resolve()))
+    device = select_device(config.device)
+    task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
+    runtime = Runtime(config, task_file)
+    runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
+
+    from flwr.simulation import run_simulation
+
+    _quiet_flower(verbose)
+    try:
+        run_simulation(
+            server_app=build_server_app(fixed_runtime(runtime), reporter=reporter),
+            client_app=build_client_app(fixed_runtime(runtime)),
+            num_supernodes=config.clients,
+            backend_config=_backend_config(config.clients, device.type == "cuda", verbose),
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # Flower wraps ServerApp errors; report the root cause
+        raise RunFailed(f"simulation failed: {_root_cause(exc)}") from exc
+    finally:
+        if task_file:
+            Path(task_file).unlink(missing_ok=True)
+    metrics = RunDir(out).read_metrics()
+    if metrics.get("status") != "completed":
+        raise RunFailed(f"simulation ended with status {metrics.get('status')!r}: {metrics.get('error', 'unknown error')}")
+    return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+
+
+def _refuse_unavailable(config: RunConfig) -> None:
+    if config.dp.enabled:
+        raise UserError("--dp (record-level DP-SGD) is not available yet in this version; run with --no-dp")
+    if config.he.enabled:
+        raise UserError("--he (encrypted aggregation) is not available yet in this version; run with --no-he")
+
+
+def _backend_config(clients: int, use_gpu: bool, verbose: bool) -> dict:
+    cpus = os.cpu_count() or 1
+    return {
+        # One CPU per client actor; with a GPU, clients share it in equal slices.
+        "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / min(clients, cpus) if use_gpu else 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 1 if use_gpu else 0,
+            "include_dashboard": False,
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+        },
+    }
+
+
+def _quiet_flower(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__

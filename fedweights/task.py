@@ -1,0 +1,114 @@
+"""A Task says what a federation trains: a model factory, training data and held-out test data.
+
+Built-in tasks come from the run config (``dataset``, ``model``); users bring their own
+``torch.nn.Module`` and ``torch.utils.data.Dataset`` by building a ``Task`` in Python, or by
+naming a ``"package.module:function"`` that returns one in the config key ``task``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import cloudpickle
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from .config import RunConfig
+from .data import dirichlet_partition, iid_partition, labels_of, load_digits_split, load_fashion_mnist
+from .errors import ConfigError, UserError
+from .models import build_model
+
+
+@dataclass
+class ClientData:
+    """One client's share: examples it trains on and examples it evaluates on."""
+
+    train: Dataset
+    test: Dataset
+
+
+@dataclass
+class Task:
+    """A model factory plus training and held-out test data for a classification task.
+
+    ``model_fn`` must build a fresh, identically shaped ``nn.Module`` on every call; its
+    output is class logits and the loss is cross-entropy. Client ``i`` of ``n`` trains on
+    partition ``i`` of ``train_data`` and evaluates on shard ``i`` of ``test_data``, so the
+    example-weighted mean of client accuracies is the accuracy on the whole test set.
+    """
+
+    model_fn: Callable[[], nn.Module]
+    train_data: Dataset
+    test_data: Dataset
+    name: str = "custom"
+
+    def client_data(self, partition_id: int, num_partitions: int, config: RunConfig) -> ClientData:
+        """The train partition and test shard of client ``partition_id`` out of ``num_partitions``.
+
+        Partitions depend only on the data, ``num_partitions``, ``config.partition``,
+        ``config.alpha`` and ``config.seed``, so every process computes the same split.
+        """
+        n = num_partitions
+        if not 0 <= partition_id < n:
+            raise UserError(f"partition {partition_id} is outside 0..{n - 1}")
+        if config.partition == "dirichlet":
+            parts = dirichlet_partition(labels_of(self.train_data), n, config.alpha, config.seed)
+        else:
+            parts = iid_partition(len(self.train_data), n, config.seed)
+        test_shards = iid_partition(len(self.test_data), min(n, len(self.test_data)), config.seed + 1)
+        test_idx = test_shards[partition_id] if partition_id < len(test_shards) else []
+        return ClientData(Subset(self.train_data, parts[partition_id].tolist()), Subset(self.test_data, list(test_idx)))
+
+
+def builtin_task(config: RunConfig) -> Task:
+    """The task named by ``config.dataset`` and ``config.model`` (cached per process)."""
+    return _builtin_task(config.dataset, config.model, config.seed)
+
+
+@lru_cache(maxsize=4)
+def _builtin_task(dataset: str, model_name: str, seed: int) -> Task:
+    if dataset == "fashion-mnist":
+        train, test = load_fashion_mnist()
+    else:
+        train, test = load_digits_split(seed=seed)
+    in_features = train.tensors[0].shape[1]
+    num_classes = int(train.tensors[1].max()) + 1
+    return Task(lambda: build_model(model_name, in_features, num_classes), train, test, name=dataset)
+
+
+def import_task(spec: str, config: RunConfig) -> Task:
+    """Call a user's ``"package.module:function"``; it may take the RunConfig as its one argument."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("task", f"={spec!r} cannot be imported: {exc}") from None
+    task = factory(config) if inspect.signature(factory).parameters else factory()
+    if not isinstance(task, Task):
+        raise ConfigError("task", f"={spec!r} returned {type(task).__name__}, not fedweights.Task")
+    return task
+
+
+def save_task(task: Task, path: Path) -> Path:
+    """Pickle a user's Task (cloudpickle: lambdas and local classes are fine) for client processes."""
+    path.write_bytes(cloudpickle.dumps(task))
+    return path
+
+
+@lru_cache(maxsize=4)
+def _load_pickled_task(path: str) -> Task:
+    return cloudpickle.loads(Path(path).read_bytes())
+
+
+def resolve_task(config: RunConfig, pickled: str | None = None) -> Task:
+    """The Task for this run: a pickled Python-API task, else ``config.task``, else the built-in one."""
+    if pickled:
+        return _load_pickled_task(pickled)
+    if config.task:
+        return import_task(config.task, config)
+    return builtin_task(config)

@@ -1,0 +1,83 @@
+"""Client partitions: sizes, disjointness, determinism, and label skew."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedweights.config import RunConfig
+from fedweights.data import dirichlet_partition, iid_partition, labels_of, load_digits_split
+from fedweights.errors import ConfigError
+from fedweights.task import builtin_task
+
+
+@pytest.fixture(scope="module")
+def digits_labels():
+    train, _ = load_digits_split(seed=0)
+    return labels_of(train)
+
+
+def assert_exact_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == n and len(np.unique(joined)) == n  # disjoint and complete
+
+
+def test_digits_split_is_stratified_and_held_out():
+    train, test = load_digits_split(seed=0)
+    assert len(train) + len(test) == 1797 and len(test) == 360
+    assert float(train.tensors[0].max()) <= 1.0
+    counts = np.bincount(labels_of(test), minlength=10)
+    assert counts.min() >= 35  # every class is in the test split
+
+
+@pytest.mark.parametrize("clients", [1, 4, 7, 100])
+def test_iid_sizes(clients):
+    parts = iid_partition(1437, clients, seed=0)
+    assert len(parts) == clients
+    assert_exact_cover(parts, 1437)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_iid_is_deterministic_per_seed():
+    a, b, c = (iid_partition(100, 3, seed=s) for s in (1, 1, 2))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_dirichlet_covers_everything(digits_labels):
+    parts = dirichlet_partition(digits_labels, 10, alpha=0.5, seed=0)
+    assert_exact_cover(parts, len(digits_labels))
+    assert min(len(p) for p in parts) >= 2
+
+
+def dominant_share(labels, parts):
+    """Mean over clients of the share of their most common label."""
+    return float(np.mean([np.bincount(labels[p]).max() / len(p) for p in parts]))
+
+
+def test_small_alpha_skews_labels(digits_labels):
+    skewed = dominant_share(digits_labels, dirichlet_partition(digits_labels, 8, alpha=0.05, seed=0))
+    mild = dominant_share(digits_labels, dirichlet_partition(digits_labels, 8, alpha=100.0, seed=0))
+    iid = dominant_share(digits_labels, iid_partition(len(digits_labels), 8, seed=0))
+    assert skewed > 0.6  # most of a client's data is one class
+    assert mild < 0.2 and iid < 0.2  # ~ uniform over 10 classes
+
+
+def test_impossible_partitions_name_the_key(digits_labels):
+    with pytest.raises(ConfigError) as err:
+        iid_partition(10, 11, seed=0)
+    assert err.value.key == "clients"
+    with pytest.raises(ConfigError) as err:
+        dirichlet_partition(digits_labels, 4, alpha=0.0, seed=0)
+    assert err.value.key == "alpha"
+
+
+def test_task_client_data_shards_train_and_test():
+    config = RunConfig(clients=3)
+    task = builtin_task(config)
+    shares = [task.client_data(i, 3, config) for i in range(3)]
+    assert sum(len(s.train) for s in shares) == len(task.train_data)
+    assert sum(len(s.test) for s in shares) == len(task.test_data)
+    test_ids = [set(s.test.indices) for s in shares]
+    assert not (test_ids[0] & test_ids[1]) and not (test_ids[1] & test_ids[2])
