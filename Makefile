@@ -29,5 +29,8 @@ bench: install
 	mkdir -p bench/results
 	$(BIN)/python -m bench.run_all --out bench/results
 
+proto: install
+	$(BIN)/python tools/gen_proto.py
+
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache
