@@ -15,6 +15,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# Command groups shared by several features; each feature module adds its commands to them.
+keys_app = typer.Typer(help="Make key material: HE contexts, TLS certificates, node keys.", no_args_is_help=True)
+privacy_app = typer.Typer(help="Plan privacy budgets.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks comparing fedweights with the field's reference setups.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(privacy_app, name="privacy")
+app.add_typer(bench_app, name="bench")
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -35,6 +35,15 @@ class RoundHooks:
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Called after a round's record is written, with the new global arrays."""
 
+    def on_run_end(self, run_dir: RunDir, arrays: ArrayRecord) -> None:
+        """Called once after the final model is saved and the run is marked completed."""
+
+
+def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
+    """The hooks a run's config asks for (privacy ledger, checkpoints, publishing, …)."""
+    hooks: list[RoundHooks] = []
+    return hooks
+
 
 @dataclass
 class RunResult:
@@ -58,7 +67,6 @@ def run_federation(
     """Run ``runtime.config.rounds`` rounds on ``grid`` and write the run directory."""
     config = runtime.config
     reporter = reporter or RichReporter()
-    hooks = list(hooks)
     run_dir = RunDir(config.out or default_run_dir())
     random.seed(config.seed)  # Flower samples nodes with the global `random`
     torch.manual_seed(config.seed)
@@ -66,6 +74,7 @@ def run_federation(
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(config)
     run_dir.start(config, run_id=uuid.uuid4().hex[:12])
+    hooks = build_hooks(runtime, run_dir) + list(hooks)
     reporter.run_started(config.rounds, config.clients, str(run_dir.path))
     records: list[RoundRecord] = []
     try:
@@ -93,6 +102,8 @@ def run_federation(
         run_dir.set_status("failed", error=str(exc) or type(exc).__name__)
         raise
     run_dir.set_status("completed")
+    for hook in hooks:
+        hook.on_run_end(run_dir, arrays)
     reporter.run_finished(records)
     return RunResult(run_dir.path, records)
 

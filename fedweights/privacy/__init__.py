@@ -1,0 +1,1 @@
+"""Differential privacy: DP-SGD on clients, accountants, the privacy ledger and reports."""
