@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UserError
+from . import he as _he  # noqa: F401 - registers `fedweights keys he`, `decrypt`, `bench he`
 from . import simulate as _simulate  # noqa: F401 - registers `fedweights simulate`
 from .app import app, err_console
 

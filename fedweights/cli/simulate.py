@@ -31,6 +31,7 @@ def simulate_command(
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<timestamp>)."),
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Record-level DP-SGD on clients."),
     he: Optional[bool] = typer.Option(None, "--he/--no-he", help="Homomorphically encrypted aggregation."),
+    he_key: Optional[Path] = typer.Option(None, "--he-key", help="With --he: use this secret.ctx instead of fresh keys."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
     """Run a federation in-process (Flower simulation engine, Ray backend)."""
@@ -51,6 +52,7 @@ def simulate_command(
             "out": str(out) if out else None,
             "dp.enabled": dp,
             "he.enabled": he,
+            "he.key": str(he_key) if he_key else None,
         }
     )
     run_config = load_config(config, overrides)

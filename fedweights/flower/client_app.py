@@ -1,7 +1,8 @@
 """The fedweights ClientApp: trains the global model on the node's own data and evaluates it.
 
-Replies carry ``arrays`` (the locally trained weights) and ``metrics`` with ``num-examples``
-(the aggregation weight) plus ``train_loss`` or ``eval_loss``/``eval_accuracy``.
+Replies carry ``arrays`` (the locally trained weights; with ``--he`` an encrypted, example-weighted
+update, see ``encryption.py``) and ``metrics`` with ``num-examples`` (the aggregation weight) plus
+``train_loss`` or ``eval_loss``/``eval_accuracy``. A query message is answered with ``num-examples``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from ..task import ClientData
 from ..training import evaluate, make_optimizer, select_device, train_epochs
+from .encryption import received_state, reply_arrays
 from .runtime import Runtime, node_partition, runtime_from_context
 
 ARRAYS = "arrays"
@@ -36,6 +38,10 @@ def build_client_app(runtime_fn: Callable[[Context], Runtime] = runtime_from_con
     def evaluate_(msg: Message, context: Context) -> Message:
         return evaluate_reply(msg, context, runtime_fn(context))
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return query_reply(msg, context, runtime_fn(context))
+
     return app
 
 
@@ -46,14 +52,14 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     pid, num = node_partition(context, config)
     data = _client_data(runtime, pid, num)
     device = select_device(config.device)
-    model = _model_from(msg, runtime)
+    model = _model_from(msg, context, runtime)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round * 1_009 + pid)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, config.lr, config.momentum)
     loss = train_epochs(model, loader, optimizer, config.local_epochs, device)
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.cpu().state_dict()),
+            ARRAYS: reply_arrays(model.cpu().state_dict(), len(data.train), msg, context, runtime),
             METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
         }
     )
@@ -65,7 +71,7 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     config = runtime.config
     pid, num = node_partition(context, config)
     data = _client_data(runtime, pid, num)
-    model = _model_from(msg, runtime)
+    model = _model_from(msg, context, runtime)
     loss, accuracy, count = evaluate(model, DataLoader(data.test, batch_size=256), select_device(config.device))
     if count == 0:  # more clients than test examples: this node has nothing to evaluate
         loss, accuracy = 0.0, 0.0
@@ -73,9 +79,16 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def _model_from(msg: Message, runtime: Runtime) -> torch.nn.Module:
+def query_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
+    """Answer the coordinator's question about this node: its number of training examples."""
+    pid, num = node_partition(context, runtime.config)
+    metrics = MetricRecord({NUM_EXAMPLES: len(_client_data(runtime, pid, num).train)})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _model_from(msg: Message, context: Context, runtime: Runtime) -> torch.nn.Module:
     model = runtime.task().model_fn()
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    model.load_state_dict(received_state(msg, context, runtime, model))  # decrypts under --he
     return model
 
 

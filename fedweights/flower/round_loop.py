@@ -23,6 +23,7 @@ from ..errors import RunFailed
 from ..progress import RichReporter
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..strategies import build_strategy
+from .encryption import is_encrypted, save_encrypted_model
 from .runtime import Runtime
 
 
@@ -96,8 +97,11 @@ def run_federation(
             for hook in hooks:
                 hook.on_round_end(record, arrays)
             reporter.round_finished(record, config.rounds)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        run_dir.save_model(model.state_dict(), {"rounds": str(config.rounds), "format": "pt"})
+        if is_encrypted(arrays):  # --he: the coordinator holds no plaintext model, only the encrypted sum
+            save_encrypted_model(run_dir, arrays)
+        else:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            run_dir.save_model(model.state_dict(), {"rounds": str(config.rounds), "format": "pt"})
     except BaseException as exc:
         run_dir.set_status("failed", error=str(exc) or type(exc).__name__)
         raise
@@ -117,15 +121,16 @@ def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: Ar
         hook.on_train_replies(server_round, replies)
     usable = [r for r in replies if not r.has_error()]
     needed = max(1, min(config.min_replies, len(sent)))
-    if len(usable) < needed:
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies) if len(usable) >= needed else (None, None)
+    # A validating strategy (e.g. --he) says which nodes/updates it refused and how many it used.
+    failures += getattr(strategy, "rejected", [])
+    used = getattr(strategy, "accepted", len(usable)) if new_arrays is not None else len(usable)
+    if new_arrays is None or used < needed:
         raise RunFailed(
-            f"round {server_round} got {len(usable)} usable update(s) of {len(sent)} sent; "
+            f"round {server_round} got {used} usable update(s) of {len(sent)} sent; "
             f"at least {needed} needed. Failures: {_summarise(failures)}"
         )
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-    if new_arrays is None:
-        raise RunFailed(f"round {server_round}: the strategy produced no model. Failures: {_summarise(failures)}")
-    return new_arrays, metrics, failures, len(usable)
+    return new_arrays, metrics, failures, used
 
 
 def _evaluate_round(grid, strategy, timeout: float, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

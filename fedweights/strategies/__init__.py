@@ -8,7 +8,11 @@ from ..config import RunConfig
 
 
 def build_strategy(config: RunConfig) -> Strategy:
-    """The strategy a run uses (FedAvg with the run's sampling settings)."""
+    """The strategy a run uses (FedAvg with the run's sampling settings; encrypted FedAvg with ``--he``)."""
+    if config.he.enabled:
+        from .encrypted import build_encrypted_strategy
+
+        return build_encrypted_strategy(config)
     return FedAvg(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,

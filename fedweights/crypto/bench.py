@@ -1,0 +1,214 @@
+"""Side-by-side benchmark: fedweights' encrypted aggregation versus NVIDIA FLARE's TenSEAL setup.
+
+Both setups get the same synthetic client models (``clients`` × ``params`` float32 values in four
+layers, example counts 50..500) and compute the same example-weighted average. Per setup:
+
+* ``bytes_per_param``: serialised bytes one client sends, divided by ``params``;
+* ``client_encrypt_s``: weighting + encoding + encryption + serialisation, median over clients;
+* ``server_aggregate_s``: deserialise (and for fedweights, validate) every client's payload and add
+  it into the running total, for all clients (NVFlare: multiplying by the weights included);
+  ``server_serialise_s`` is the extra time to serialise the result for sending;
+* ``decrypt_s``: one client decrypting the aggregate into weights;
+* ``max_abs_error``: against the float64 weighted average;
+* ``server_peak_rss_mb``: peak resident memory of the process that aggregated. Each setup's
+  server runs in its own fresh subprocess that reads the client payloads from disk one at a time
+  (as a streaming coordinator would receive them), so one setup's memory never counts for the
+  other; ``server_baseline_rss_mb`` is the same process before the first payload.
+
+Run as ``fedweights bench he`` or ``make bench``; timings are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tenseal as ts
+import torch
+
+from . import nvflare_reference as nvflare
+from .aggregate import EncryptedSum, RoundExpectation
+from .codec import decrypt_envelope, encrypt_update, layout_of
+from .envelope import TensorInfo, load_envelope, save_envelope
+from .keys import load_client_key, load_server_key, make_keys
+
+TARGETS = {"bytes_per_param_max": 12.0, "server_speedup_min": 5.0, "client_speedup_min": 1.8, "max_abs_error_max": 1e-6}
+
+
+def run(params: int = 1_000_000, clients: int = 10, seed: int = 0) -> dict:
+    """Measure both setups on the same data in this run; return the comparison as a dict."""
+    if params < 1000 or clients < 1:
+        raise ValueError("need at least 1000 params and 1 client")
+    updates, counts = synthetic_updates(params, clients, seed)
+    total = sum(counts)
+    reference = {name: sum(u[name].astype(np.float64) * n for u, n in zip(updates, counts)) / total for name in updates[0]}
+    with tempfile.TemporaryDirectory(prefix="fedweights-bench-he-") as tmp:
+        work = Path(tmp)
+        (work / "counts.json").write_text(json.dumps(counts))
+        ours = _fedweights(updates, counts, reference, work / "fedweights")
+        theirs = _nvflare(updates, counts, reference, work / "nvflare")
+    ours["bytes_per_param"] /= params
+    theirs["bytes_per_param"] /= params
+    comparison = {
+        "size_ratio": theirs["bytes_per_param"] / ours["bytes_per_param"],
+        "server_speedup": theirs["server_aggregate_s"] / ours["server_aggregate_s"],
+        "server_speedup_vs_sum_then_scale": theirs["server_sum_then_scale_s"] / ours["server_aggregate_s"],
+        "client_speedup": theirs["client_encrypt_s"] / ours["client_encrypt_s"],
+        "decrypt_speedup": theirs["decrypt_s"] / ours["decrypt_s"],
+    }
+    met = {
+        "bytes_per_param": ours["bytes_per_param"] <= TARGETS["bytes_per_param_max"],
+        "server_speedup": comparison["server_speedup"] >= TARGETS["server_speedup_min"],
+        "client_speedup": comparison["client_speedup"] >= TARGETS["client_speedup_min"],
+        "max_abs_error": ours["max_abs_error"] <= TARGETS["max_abs_error_max"],
+    }
+    return {
+        "benchmark": "he",
+        "params": params,
+        "clients": clients,
+        "machine": {"cpus": os.cpu_count(), "tenseal": ts.__version__, "torch_threads": torch.get_num_threads()},
+        "setups": {"fedweights": _rounded(ours), "nvflare": _rounded(theirs)},
+        "comparison": _rounded(comparison),
+        "targets": TARGETS,
+        "met": met,
+    }
+
+
+def synthetic_updates(params: int, clients: int, seed: int) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """Four MLP-like layers holding ``params`` values per client, N(0, 0.5) float32; counts 50..500."""
+    sizes = {"fc1.weight": params * 6 // 10, "fc1.bias": params // 1000, "fc2.weight": params * 39 // 100}
+    sizes["fc2.bias"] = params - sum(sizes.values())
+    rng = np.random.default_rng(seed)
+    updates = [{name: rng.normal(0, 0.5, size).astype(np.float32) for name, size in sizes.items()} for _ in range(clients)]
+    return updates, [int(n) for n in rng.integers(50, 501, clients)]
+
+
+def _fedweights(updates, counts, reference, work: Path) -> dict:
+    files = make_keys(work / "keys")
+    key = load_client_key(files.secret)
+    states = [{name: torch.from_numpy(v) for name, v in u.items()} for u in updates]
+    layout = layout_of(states[0])
+    (work / "layout.json").write_text(json.dumps([[t.name, list(t.shape), t.dtype] for t in layout]))
+    seconds, sizes = [], []
+    for k, (state, n) in enumerate(zip(states, counts)):
+        started = time.perf_counter()
+        envelope = encrypt_update(key, state, n, sum(counts), server_round=1)
+        seconds.append(time.perf_counter() - started)
+        sizes.append(sum(len(a.data) for a in envelope.values()))
+        save_envelope(work / f"client{k}.he", envelope)
+    server = _server_subprocess("fedweights", work, files.server)
+    aggregate = load_envelope(work / "aggregate.he")
+    started = time.perf_counter()
+    decrypted = decrypt_envelope(key, aggregate, layout)
+    decrypt_s = time.perf_counter() - started
+    error = max(float(np.max(np.abs(decrypted[name].double().numpy() - reference[name]))) for name in reference)
+    return {"setup": "BFV N=8192 [40,60] t=268369921, fixed point 2^24, seeded symmetric, client-weighted, server adds",
+            "bytes_per_param": float(np.mean(sizes)), "client_encrypt_s": float(np.median(seconds)), **server,
+            "decrypt_s": decrypt_s, "max_abs_error": error}
+
+
+def _nvflare(updates, counts, reference, work: Path) -> dict:
+    work.mkdir(parents=True)
+    client_bytes, server_bytes = nvflare.make_contexts()
+    (work / "server.ctx").write_bytes(server_bytes)
+    context = ts.context_from(client_bytes)
+    seconds, sizes = [], []
+    for k, update in enumerate(updates):
+        started = time.perf_counter()
+        payload = nvflare.encrypt_layers(context, update)
+        seconds.append(time.perf_counter() - started)
+        sizes.append(sum(len(v) for v in payload.values()))
+        (work / f"client{k}.pkl").write_bytes(pickle.dumps(payload))
+    server = _server_subprocess("nvflare", work, work / "server.ctx")
+    variant = _server_subprocess("nvflare-sum-then-scale", work, work / "server.ctx")
+    aggregate = pickle.loads((work / "aggregate.pkl").read_bytes())
+    started = time.perf_counter()
+    decrypted = nvflare.decrypt_layers(context, aggregate)
+    decrypt_s = time.perf_counter() - started
+    error = max(float(np.max(np.abs(decrypted[name].astype(np.float32) - reference[name]))) for name in reference)
+    return {"setup": "CKKS N=8192 [60,40,40] scale 2^40, symmetric, per-layer ckks_vector, server multiplies by weights",
+            "bytes_per_param": float(np.mean(sizes)), "client_encrypt_s": float(np.median(seconds)), **server,
+            "server_sum_then_scale_s": variant["server_aggregate_s"], "decrypt_s": decrypt_s, "max_abs_error": error}
+
+
+def _server_subprocess(setup: str, work: Path, server_ctx: Path) -> dict:
+    cmd = [sys.executable, "-m", "fedweights.crypto.bench", "--server", setup, "--dir", str(work), "--ctx", str(server_ctx)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{setup} server measurement failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _serve(setup: str, work: Path, server_ctx: Path) -> dict:
+    """The coordinator's side, in a fresh process: aggregate every client payload from ``work``."""
+    counts = json.loads((work.parent / "counts.json").read_text())
+    if setup == "fedweights":
+        key = load_server_key(server_ctx)
+        layout = tuple(TensorInfo(n, tuple(s), d) for n, s, d in json.loads((work / "layout.json").read_text()))
+        total = EncryptedSum(key, RoundExpectation(1, layout, sum(counts)))
+    else:
+        total = nvflare.WeightedSum(ts.context_from(server_ctx.read_bytes()))
+    baseline = _peak_rss_mb()
+    elapsed = 0.0
+    for k, n in enumerate(counts):
+        if setup == "fedweights":
+            payload = load_envelope(work / f"client{k}.he")
+            started = time.perf_counter()
+            total.add(payload)
+        else:
+            payload = pickle.loads((work / f"client{k}.pkl").read_bytes())
+            started = time.perf_counter()
+            if setup == "nvflare":
+                total.add(payload, n / sum(counts))
+            else:
+                total.add_unweighted(payload)
+        elapsed += time.perf_counter() - started
+        del payload
+    if setup == "nvflare-sum-then-scale":  # NVFlare's default pairing: one x 1/N after the sum
+        started = time.perf_counter()
+        total.scale(1.0 / sum(counts))
+        elapsed += time.perf_counter() - started
+    peak = _peak_rss_mb()
+    started = time.perf_counter()
+    result = total.result()
+    serialise = time.perf_counter() - started
+    if setup == "fedweights":
+        save_envelope(work / "aggregate.he", result)
+    elif setup == "nvflare":
+        (work / "aggregate.pkl").write_bytes(pickle.dumps(result))
+    return {"server_aggregate_s": elapsed, "server_serialise_s": serialise, "server_peak_rss_mb": peak,
+            "server_baseline_rss_mb": baseline}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would include the parent's at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _rounded(values: dict) -> dict:
+    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in values.items()}
+
+
+if __name__ == "__main__":  # the per-setup server subprocess
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", choices=["fedweights", "nvflare", "nvflare-sum-then-scale"], required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--ctx", type=Path, required=True)
+    args = parser.parse_args()
+    print(json.dumps(_serve(args.server, args.dir, args.ctx)))

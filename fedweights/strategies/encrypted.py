@@ -1,0 +1,178 @@
+"""FedAvg over homomorphically encrypted updates: the coordinator adds ciphertexts, never decrypts.
+
+Each round:
+
+1. ``configure_train`` samples nodes like FedAvg. Nodes whose example count it does not know yet
+   are asked once (a ``query`` message); the round's public weight normaliser N is the sum of the
+   sampled nodes' counts and goes out in the train config (``he-normaliser``).
+2. Clients reply with ``Enc(round(2^F · n_k/N · w_k))`` (see ``fedweights.crypto.codec``).
+3. ``aggregate_train`` checks every update (key fingerprint, kind, round, layout, sizes, chunk
+   digests, ciphertext validity, range and noise budget) and adds the good ones into one running
+   ciphertext sum. A bad update is rejected with a logged reason; the round goes on without it.
+   The result is the encrypted sum plus the total weight, which clients decrypt and divide.
+
+The strategy only ever holds the server context (no secret key); ``rejected`` and ``accepted``
+tell the round loop what happened to each update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from ..config import RunConfig
+from ..crypto.aggregate import EncryptedSum, RoundExpectation
+from ..crypto.codec import layout_of
+from ..crypto.envelope import EnvelopeError, TensorInfo, is_encrypted, layout_from_proto, read_header
+from ..crypto.keys import HEKey, load_server_key
+from ..errors import ConfigError, RunFailed, UserError
+
+log = logging.getLogger("fedweights.he")
+
+NORMALISER = "he-normaliser"  # train-config key (the ClientApp reads it)
+COUNT_QUERY = "fedweights.count"  # query-config key asking a node for its number of training examples
+NUM_EXAMPLES = "num-examples"
+
+
+class EncryptedFedAvg(FedAvg):
+    """FedAvg whose ``aggregate_train`` sums encrypted updates with the server context only.
+
+    Parameters
+    ----------
+    key : HEKey
+        The coordinator's context (``server.ctx``); one holding a secret key is refused.
+    query_timeout : float
+        Seconds to wait for nodes to report their example counts.
+    **fedavg_kwargs
+        Sampling settings passed to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, …).
+    """
+
+    def __init__(self, key: HEKey, query_timeout: float = 600.0, **fedavg_kwargs) -> None:
+        if key.is_secret:
+            raise UserError("the encrypted strategy was given a secret context; the coordinator must only hold server.ctx")
+        super().__init__(**fedavg_kwargs)
+        self.key = key
+        self.query_timeout = query_timeout
+        self.counts: dict[int, int] = {}  # node id → the example count it last reported
+        self.layout: tuple[TensorInfo, ...] | None = None
+        self.rejected: list[dict[str, str]] = []  # this round's refused nodes/updates, with reasons
+        self.accepted = 0
+        self._expect: RoundExpectation | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes, learn unknown example counts, announce the weight normaliser."""
+        self.rejected, self.accepted = [], 0
+        self._learn_layout(arrays)
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        if len(node_ids) > self.key.params.max_summands:
+            raise RunFailed(
+                f"round {server_round} samples {len(node_ids)} clients but these HE parameters can sum at most "
+                f"{self.key.params.max_summands} updates; lower fraction_train or make keys with a larger first prime"
+            )
+        self._query_counts(grid, [n for n in node_ids if n not in self.counts])
+        node_ids = [n for n in node_ids if n in self.counts]
+        if len(node_ids) < max(1, self.min_train_nodes):
+            raise RunFailed(
+                f"round {server_round}: only {len(node_ids)} sampled node(s) reported their example counts, "
+                f"at least {max(1, self.min_train_nodes)} needed. Failures: "
+                + "; ".join(f"node {r['node']}: {r['reason']}" for r in self.rejected)
+            )
+        normaliser = sum(self.counts[n] for n in node_ids)
+        self._expect = RoundExpectation(server_round, self.layout, normaliser)
+        config["server-round"] = server_round
+        config[NORMALISER] = normaliser
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each update and add it into one ciphertext sum; never decrypts."""
+        if self._expect is None or self._expect.server_round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
+        total = EncryptedSum(self.key, self._expect)
+        accepted: list[RecordDict] = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            try:
+                examples = self._add(total, reply.content)
+            except EnvelopeError as exc:
+                self._reject(node, f"update rejected: {exc}")
+                continue
+            self.counts[node] = examples
+            accepted.append(reply.content)
+        self.accepted = len(accepted)
+        log.info("round %d: summed %d encrypted update(s), %d rejected", server_round, len(accepted), len(self.rejected))
+        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted else None
+        return total.result(), metrics
+
+    def _add(self, total: EncryptedSum, content: RecordDict) -> int:
+        if self.arrayrecord_key not in content.array_records or "metrics" not in content.metric_records:
+            raise EnvelopeError("reply carries no arrays/metrics record")
+        arrays = content.array_records[self.arrayrecord_key]
+        claimed = content.metric_records["metrics"].get(self.weighted_by_key)
+        if is_encrypted(arrays) and claimed != read_header(arrays).num_examples:
+            raise EnvelopeError(f"metrics report {claimed} examples but the encrypted header says otherwise")
+        return total.add(arrays)
+
+    def _learn_layout(self, arrays: ArrayRecord) -> None:
+        if is_encrypted(arrays):
+            layout = layout_from_proto(read_header(arrays).layout)
+        else:
+            layout = layout_of(arrays.to_torch_state_dict())
+        if self.layout is not None and layout != self.layout:
+            raise RunFailed("the global model changed its layout between rounds")
+        self.layout = layout
+
+    def _query_counts(self, grid: Grid, node_ids: list[int]) -> None:
+        if not node_ids:
+            return
+        messages = [
+            Message(RecordDict({self.configrecord_key: ConfigRecord({COUNT_QUERY: 1})}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in node_ids
+        ]
+        answered = set()
+        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            count = None
+            if not reply.has_error() and "metrics" in reply.content.metric_records:
+                count = reply.content.metric_records["metrics"].get(NUM_EXAMPLES)
+            if isinstance(count, int) and count >= 1:
+                self.counts[node] = count
+            else:
+                reason = reply.error.reason if reply.has_error() else f"invalid count {count!r}"
+                self._reject(node, f"did not report its example count: {reason}")
+        for node in set(node_ids) - answered:
+            self._reject(node, "did not report its example count within round_timeout")
+
+    def _reject(self, node: int, reason: str) -> None:
+        log.warning("node %s: %s", node, reason)
+        self.rejected.append({"node": str(node), "reason": reason})
+
+
+def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
+    """The ``--he`` strategy for a run config; needs ``he.server_key`` (the coordinator's server.ctx)."""
+    if not config.he.server_key:
+        raise ConfigError(
+            "he.server_key", "is not set: the coordinator needs server.ctx (`fedweights server --he-server-key DIR/server.ctx`)"
+        )
+    return EncryptedFedAvg(
+        load_server_key(config.he.server_key),
+        query_timeout=config.round_timeout,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_replies,
+        min_evaluate_nodes=config.min_replies,
+        min_available_nodes=config.wait_for_clients,
+    )
