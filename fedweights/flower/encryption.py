@@ -63,7 +63,8 @@ def reply_arrays(
     if NORMALISER not in config:
         raise UserError("--he is on but the coordinator sent no weight normaliser: is it running without --he?")
     key = client_key(context, runtime.config)
-    return encrypt_update(key, state, num_examples, int(config[NORMALISER]), int(config.get("server-round", 0)))
+    normaliser, server_round = int(config[NORMALISER]), int(config.get("server-round", 0))
+    return encrypt_update(key, state, num_examples, normaliser, server_round, compact=runtime.config.he.compact)
 
 
 def client_key(context: Context, config: RunConfig) -> HEKey:

@@ -27,10 +27,11 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..config import RunConfig
 from ..crypto.aggregate import EncryptedSum, RoundExpectation
-from ..crypto.codec import layout_of
+from ..crypto.codec import check_key, layout_of
 from ..crypto.envelope import EnvelopeError, TensorInfo, is_encrypted, layout_from_proto, read_header
 from ..crypto.keys import HEKey, load_server_key
 from ..errors import ConfigError, RunFailed, UserError
+from ..proto import update_pb2 as pb
 
 log = logging.getLogger("fedweights.he")
 
@@ -63,6 +64,7 @@ class EncryptedFedAvg(FedAvg):
         self.rejected: list[dict[str, str]] = []  # this round's refused nodes/updates, with reasons
         self.accepted = 0
         self._expect: RoundExpectation | None = None
+        self._planned: dict[int, int] = {}  # node id → count this round's normaliser assumes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -85,7 +87,8 @@ class EncryptedFedAvg(FedAvg):
                 f"at least {max(1, self.min_train_nodes)} needed. Failures: "
                 + "; ".join(f"node {r['node']}: {r['reason']}" for r in self.rejected)
             )
-        normaliser = sum(self.counts[n] for n in node_ids)
+        self._planned = {n: self.counts[n] for n in node_ids}
+        normaliser = sum(self._planned.values())
         self._expect = RoundExpectation(server_round, self.layout, normaliser)
         config["server-round"] = server_round
         config[NORMALISER] = normaliser
@@ -105,25 +108,34 @@ class EncryptedFedAvg(FedAvg):
                 continue
             node = reply.metadata.src_node_id
             try:
-                examples = self._add(total, reply.content)
+                header = self._check_reply(reply.content)
+                self.counts[node] = header.num_examples  # the count to plan the next round's normaliser with
+                planned = self._planned.get(node, 0)
+                if header.num_examples > planned:
+                    raise EnvelopeError(
+                        f"range: the node now has {header.num_examples} examples, more than the {planned} this "
+                        "round's normaliser was planned with; it is weighted by its new count from the next round"
+                    )
+                total.add(reply.content.array_records[self.arrayrecord_key])
             except EnvelopeError as exc:
                 self._reject(node, f"update rejected: {exc}")
                 continue
-            self.counts[node] = examples
             accepted.append(reply.content)
         self.accepted = len(accepted)
         log.info("round %d: summed %d encrypted update(s), %d rejected", server_round, len(accepted), len(self.rejected))
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted else None
         return total.result(), metrics
 
-    def _add(self, total: EncryptedSum, content: RecordDict) -> int:
+    def _check_reply(self, content: RecordDict) -> pb.EncryptedHeader:
+        """The header of a reply's update, if it comes from this key pair and agrees with the metrics."""
         if self.arrayrecord_key not in content.array_records or "metrics" not in content.metric_records:
             raise EnvelopeError("reply carries no arrays/metrics record")
-        arrays = content.array_records[self.arrayrecord_key]
+        header = read_header(content.array_records[self.arrayrecord_key])
+        check_key(header, self.key)
         claimed = content.metric_records["metrics"].get(self.weighted_by_key)
-        if is_encrypted(arrays) and claimed != read_header(arrays).num_examples:
-            raise EnvelopeError(f"metrics report {claimed} examples but the encrypted header says otherwise")
-        return total.add(arrays)
+        if claimed != header.num_examples:
+            raise EnvelopeError(f"metrics report {claimed} examples, the encrypted header {header.num_examples}")
+        return header
 
     def _learn_layout(self, arrays: ArrayRecord) -> None:
         if is_encrypted(arrays):
