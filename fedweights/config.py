@@ -134,8 +134,12 @@ class UserDPConfig:
             raise ConfigError(
                 "user_dp.clients_per_round", f"must be between 1 and clients={clients}, got {self.clients_per_round}"
             )
-        if not 0 < self.delta < 1 / clients:
-            raise ConfigError("user_dp.delta", f"must be in (0, 1/clients={1 / clients:g}), got {self.delta}")
+        if not 0 < self.delta < 1:
+            raise ConfigError("user_dp.delta", f"must be in (0, 1), got {self.delta}")
+        if self.enabled and not self.delta < 1 / clients:
+            raise ConfigError(
+                "user_dp.delta", f"must be below 1/clients={1 / clients:g} for a meaningful guarantee, got {self.delta}"
+            )
         if self.enabled and strategy != "fedavg":
             raise ConfigError(
                 "strategy.name",
