@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -15,7 +16,7 @@ from ..registry.auth import AccessPolicy, read_token
 from ..registry.manifest import IntegrityError
 from ..registry.server import serve
 from ..registry.store import WeightStore
-from .app import app, console
+from .app import app, bench_app, console
 
 registry_app = typer.Typer(help="Run a versioned weight registry (gRPC) and check its store.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
@@ -65,6 +66,17 @@ def fsck_command(root: Path = typer.Option(..., "--root", help="Store directory 
             console.print(f"[red]✗[/red] {problem}", highlight=False)
         raise IntegrityError(f"{len(problems)} problem(s) in {root}")
     console.print(f"[green]✓[/green] {root}: every manifest, lineage link and payload verifies")
+
+
+@bench_app.command("registry")
+def bench_registry_command(
+    megabytes: int = typer.Option(100, "--megabytes", help="Model size."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per operation (the median is reported)."),
+) -> None:
+    """Registry push/pull throughput vs a plain file copy (registry in its own process, loopback)."""
+    from ..registry.bench import run
+
+    console.print_json(json.dumps(run(megabytes, repeats)))
 
 
 __all__ = ["registry_app"]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64weights/v1/registry.proto\x12\rfedweights.v1\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"]\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"\xb0\x04\n\x12PrivacyCertificate\x12>\n\tguarantee\x18\x01 \x01(\x0e\x32+.fedweights.v1.PrivacyCertificate.Guarantee\x12\x1b\n\x0erecord_epsilon\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0crecord_delta\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cuser_epsilon\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nuser_delta\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x12\n\ndp_enabled\x18\x07 \x01(\x08\x12\x12\n\nhe_enabled\x18\x08 \x01(\x08\x12\x41\n\x08settings\x18\t \x03(\x0b\x32/.fedweights.v1.PrivacyCertificate.SettingsEntry\x12\x11\n\tstatement\x18\n \x01(\t\x12\x0e\n\x06source\x18\x0b \x01(\t\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\tGuarantee\x12\x19\n\x15GUARANTEE_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNKNOWN\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x18\n\x14\x44IFFERENTIAL_PRIVACY\x10\x03\x42\x11\n\x0f_record_epsilonB\x0f\n\r_record_deltaB\x0f\n\r_user_epsilonB\r\n\x0b_user_delta\"\xe4\x02\n\x0eWeightManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.fedweights.v1.TensorEntry\x12\'\n\x06parent\x18\x06 \x01(\x0b\x32\x17.fedweights.v1.ModelRef\x12\x15\n\rparent_digest\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06run_id\x18\n \x01(\t\x12\r\n\x05round\x18\x0b \x01(\r\x12\x32\n\x07privacy\x18\x0c \x01(\x0b\x32!.fedweights.v1.PrivacyCertificate\x12\x11\n\tpublisher\x18\r \x01(\t\"2\n\x0eManifestRecord\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\xdb\x01\n\rPublishHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12,\n\x06parent\x18\x03 \x01(\x0b\x32\x17.fedweights.v1.ModelRefH\x00\x88\x01\x01\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x32\n\x07privacy\x18\x06 \x01(\x0b\x32!.fedweights.v1.PrivacyCertificate\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x42\t\n\x07_parent\"Y\n\x0ePublishRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedweights.v1.PublishHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"V\n\x0fPublishResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecord\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"-\n\nGetRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\r\"W\n\x0bGetResponse\x12/\n\x06record\x18\x01 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecordH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\r\n\x0bListRequest\"]\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x01(\r\x12-\n\x06latest\x18\x03 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecord\";\n\x0cListResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.fedweights.v1.ModelSummary\"\x19\n\nLogRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"=\n\x0bLogResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.fedweights.v1.ManifestRecord\"\x1d\n\x0eResolveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"@\n\x0fResolveResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecord\"#\n\x12\x43heckAccessRequest\x12\r\n\x05write\x18\x01 \x01(\x08\"\'\n\x13\x43heckAccessResponse\x12\x10\n\x08identity\x18\x01 \x01(\t2\xbb\x03\n\x0eWeightRegistry\x12J\n\x07Publish\x12\x1d.fedweights.v1.PublishRequest\x1a\x1e.fedweights.v1.PublishResponse(\x01\x12>\n\x03Get\x12\x19.fedweights.v1.GetRequest\x1a\x1a.fedweights.v1.GetResponse0\x01\x12?\n\x04List\x12\x1a.fedweights.v1.ListRequest\x1a\x1b.fedweights.v1.ListResponse\x12<\n\x03Log\x12\x19.fedweights.v1.LogRequest\x1a\x1a.fedweights.v1.LogResponse\x12H\n\x07Resolve\x12\x1d.fedweights.v1.ResolveRequest\x1a\x1e.fedweights.v1.ResolveResponse\x12T\n\x0b\x43heckAccess\x12!.fedweights.v1.CheckAccessRequest\x1a\".fedweights.v1.CheckAccessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64weights/v1/registry.proto\x12\rfedweights.v1\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"]\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"\xb0\x04\n\x12PrivacyCertificate\x12>\n\tguarantee\x18\x01 \x01(\x0e\x32+.fedweights.v1.PrivacyCertificate.Guarantee\x12\x1b\n\x0erecord_epsilon\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0crecord_delta\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cuser_epsilon\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nuser_delta\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x12\n\ndp_enabled\x18\x07 \x01(\x08\x12\x12\n\nhe_enabled\x18\x08 \x01(\x08\x12\x41\n\x08settings\x18\t \x03(\x0b\x32/.fedweights.v1.PrivacyCertificate.SettingsEntry\x12\x11\n\tstatement\x18\n \x01(\t\x12\x0e\n\x06source\x18\x0b \x01(\t\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\tGuarantee\x12\x19\n\x15GUARANTEE_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNKNOWN\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x18\n\x14\x44IFFERENTIAL_PRIVACY\x10\x03\x42\x11\n\x0f_record_epsilonB\x0f\n\r_record_deltaB\x0f\n\r_user_epsilonB\r\n\x0b_user_delta\"\xe4\x02\n\x0eWeightManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.fedweights.v1.TensorEntry\x12\'\n\x06parent\x18\x06 \x01(\x0b\x32\x17.fedweights.v1.ModelRef\x12\x15\n\rparent_digest\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06run_id\x18\n \x01(\t\x12\r\n\x05round\x18\x0b \x01(\r\x12\x32\n\x07privacy\x18\x0c \x01(\x0b\x32!.fedweights.v1.PrivacyCertificate\x12\x11\n\tpublisher\x18\r \x01(\t\"2\n\x0eManifestRecord\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\xc7\x01\n\rPublishHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12,\n\x06parent\x18\x03 \x01(\x0b\x32\x17.fedweights.v1.ModelRefH\x00\x88\x01\x01\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x32\n\x07privacy\x18\x06 \x01(\x0b\x32!.fedweights.v1.PrivacyCertificate\x12\x0e\n\x06sha256\x18\x07 \x01(\tB\t\n\x07_parent\" \n\x0ePublishTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x8b\x01\n\x0ePublishRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedweights.v1.PublishHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.fedweights.v1.PublishTrailerH\x00\x42\x06\n\x04part\"V\n\x0fPublishResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecord\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"-\n\nGetRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\r\"W\n\x0bGetResponse\x12/\n\x06record\x18\x01 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecordH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\r\n\x0bListRequest\"]\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x01(\r\x12-\n\x06latest\x18\x03 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecord\";\n\x0cListResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.fedweights.v1.ModelSummary\"\x19\n\nLogRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"=\n\x0bLogResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.fedweights.v1.ManifestRecord\"\x1d\n\x0eResolveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"@\n\x0fResolveResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.fedweights.v1.ManifestRecord\"#\n\x12\x43heckAccessRequest\x12\r\n\x05write\x18\x01 \x01(\x08\"\'\n\x13\x43heckAccessResponse\x12\x10\n\x08identity\x18\x01 \x01(\t2\xbb\x03\n\x0eWeightRegistry\x12J\n\x07Publish\x12\x1d.fedweights.v1.PublishRequest\x1a\x1e.fedweights.v1.PublishResponse(\x01\x12>\n\x03Get\x12\x19.fedweights.v1.GetRequest\x1a\x1a.fedweights.v1.GetResponse0\x01\x12?\n\x04List\x12\x1a.fedweights.v1.ListRequest\x1a\x1b.fedweights.v1.ListResponse\x12<\n\x03Log\x12\x19.fedweights.v1.LogRequest\x1a\x1a.fedweights.v1.LogResponse\x12H\n\x07Resolve\x12\x1d.fedweights.v1.ResolveRequest\x1a\x1e.fedweights.v1.ResolveResponse\x12T\n\x0b\x43heckAccess\x12!.fedweights.v1.CheckAccessRequest\x1a\".fedweights.v1.CheckAccessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,33 +49,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFESTRECORD']._serialized_start=1140
   _globals['_MANIFESTRECORD']._serialized_end=1190
   _globals['_PUBLISHHEADER']._serialized_start=1193
-  _globals['_PUBLISHHEADER']._serialized_end=1412
-  _globals['_PUBLISHREQUEST']._serialized_start=1414
-  _globals['_PUBLISHREQUEST']._serialized_end=1503
-  _globals['_PUBLISHRESPONSE']._serialized_start=1505
-  _globals['_PUBLISHRESPONSE']._serialized_end=1591
-  _globals['_GETREQUEST']._serialized_start=1593
-  _globals['_GETREQUEST']._serialized_end=1638
-  _globals['_GETRESPONSE']._serialized_start=1640
-  _globals['_GETRESPONSE']._serialized_end=1727
-  _globals['_LISTREQUEST']._serialized_start=1729
-  _globals['_LISTREQUEST']._serialized_end=1742
-  _globals['_MODELSUMMARY']._serialized_start=1744
-  _globals['_MODELSUMMARY']._serialized_end=1837
-  _globals['_LISTRESPONSE']._serialized_start=1839
-  _globals['_LISTRESPONSE']._serialized_end=1898
-  _globals['_LOGREQUEST']._serialized_start=1900
-  _globals['_LOGREQUEST']._serialized_end=1925
-  _globals['_LOGRESPONSE']._serialized_start=1927
-  _globals['_LOGRESPONSE']._serialized_end=1988
-  _globals['_RESOLVEREQUEST']._serialized_start=1990
-  _globals['_RESOLVEREQUEST']._serialized_end=2019
-  _globals['_RESOLVERESPONSE']._serialized_start=2021
-  _globals['_RESOLVERESPONSE']._serialized_end=2085
-  _globals['_CHECKACCESSREQUEST']._serialized_start=2087
-  _globals['_CHECKACCESSREQUEST']._serialized_end=2122
-  _globals['_CHECKACCESSRESPONSE']._serialized_start=2124
-  _globals['_CHECKACCESSRESPONSE']._serialized_end=2163
-  _globals['_WEIGHTREGISTRY']._serialized_start=2166
-  _globals['_WEIGHTREGISTRY']._serialized_end=2609
+  _globals['_PUBLISHHEADER']._serialized_end=1392
+  _globals['_PUBLISHTRAILER']._serialized_start=1394
+  _globals['_PUBLISHTRAILER']._serialized_end=1426
+  _globals['_PUBLISHREQUEST']._serialized_start=1429
+  _globals['_PUBLISHREQUEST']._serialized_end=1568
+  _globals['_PUBLISHRESPONSE']._serialized_start=1570
+  _globals['_PUBLISHRESPONSE']._serialized_end=1656
+  _globals['_GETREQUEST']._serialized_start=1658
+  _globals['_GETREQUEST']._serialized_end=1703
+  _globals['_GETRESPONSE']._serialized_start=1705
+  _globals['_GETRESPONSE']._serialized_end=1792
+  _globals['_LISTREQUEST']._serialized_start=1794
+  _globals['_LISTREQUEST']._serialized_end=1807
+  _globals['_MODELSUMMARY']._serialized_start=1809
+  _globals['_MODELSUMMARY']._serialized_end=1902
+  _globals['_LISTRESPONSE']._serialized_start=1904
+  _globals['_LISTRESPONSE']._serialized_end=1963
+  _globals['_LOGREQUEST']._serialized_start=1965
+  _globals['_LOGREQUEST']._serialized_end=1990
+  _globals['_LOGRESPONSE']._serialized_start=1992
+  _globals['_LOGRESPONSE']._serialized_end=2053
+  _globals['_RESOLVEREQUEST']._serialized_start=2055
+  _globals['_RESOLVEREQUEST']._serialized_end=2084
+  _globals['_RESOLVERESPONSE']._serialized_start=2086
+  _globals['_RESOLVERESPONSE']._serialized_end=2150
+  _globals['_CHECKACCESSREQUEST']._serialized_start=2152
+  _globals['_CHECKACCESSREQUEST']._serialized_end=2187
+  _globals['_CHECKACCESSRESPONSE']._serialized_start=2189
+  _globals['_CHECKACCESSRESPONSE']._serialized_end=2228
+  _globals['_WEIGHTREGISTRY']._serialized_start=2231
+  _globals['_WEIGHTREGISTRY']._serialized_end=2674
 # @@protoc_insertion_point(module_scope)

@@ -114,7 +114,7 @@ class ManifestRecord(_message.Message):
     def __init__(self, manifest: _Optional[bytes] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class PublishHeader(_message.Message):
-    __slots__ = ("name", "tags", "parent", "run_id", "round", "privacy", "sha256", "size_bytes")
+    __slots__ = ("name", "tags", "parent", "run_id", "round", "privacy", "sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -122,7 +122,6 @@ class PublishHeader(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
-    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     parent: ModelRef
@@ -130,16 +129,23 @@ class PublishHeader(_message.Message):
     round: int
     privacy: PrivacyCertificate
     sha256: str
-    size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., parent: _Optional[_Union[ModelRef, _Mapping]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyCertificate, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., parent: _Optional[_Union[ModelRef, _Mapping]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyCertificate, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PublishTrailer(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: PublishHeader
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[PublishHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    trailer: PublishTrailer
+    def __init__(self, header: _Optional[_Union[PublishHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., trailer: _Optional[_Union[PublishTrailer, _Mapping]] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ("record", "deduplicated")

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class WeightRegistryStub:
-    """Missing associated documentation comment in .proto file."""
+    """The weight registry service (`fedweights registry serve`). Writes (Publish) need a bearer
+    token (`authorization: Bearer ...` metadata) or a TLS client certificate; reads may be open.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +69,9 @@ class WeightRegistryStub:
 
 
 class WeightRegistryServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The weight registry service (`fedweights registry serve`). Writes (Publish) need a bearer
+    token (`authorization: Bearer ...` metadata) or a TLS client certificate; reads may be open.
+    """
 
     def Publish(self, request_iterator, context):
         """Upload a payload: first a PublishHeader, then the safetensors bytes in chunks.
@@ -154,7 +158,9 @@ def add_WeightRegistryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WeightRegistry:
-    """Missing associated documentation comment in .proto file."""
+    """The weight registry service (`fedweights registry serve`). Writes (Publish) need a bearer
+    token (`authorization: Bearer ...` metadata) or a TLS client certificate; reads may be open.
+    """
 
     @staticmethod
     def Publish(request_iterator,

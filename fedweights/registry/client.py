@@ -30,7 +30,7 @@ from ..proto import registry_pb2_grpc as pb_grpc
 from .auth import channel_credentials, read_token
 from .certificate import certificate_for_run, run_info, unknown_certificate
 from .diff import TensorChange, diff_files
-from .manifest import IntegrityError, Ref, check_chain, check_tag, decode, parse_ref, payload_mismatches
+from .manifest import IntegrityError, Ref, check_chain, check_name, check_tag, decode, parse_ref, payload_mismatches
 from .payload import CHUNK_SIZE, PayloadError, PayloadHasher, digest_file, iter_file
 from .server import KEEPALIVE, MESSAGE_LIMIT
 from .store import NotFound
@@ -125,26 +125,42 @@ class Client:
         newest version of ``name``. ``from_run``: a run directory whose id, last round and privacy
         report fill in ``run_id``, ``round`` and ``privacy``.
         """
-        digest = digest_file(path)  # validates the file and gives the sha256 the registry must match
+        check_name(name)
+        tags = [check_tag(t) for t in tags]
+        if not Path(path).is_file():
+            raise UserError(f"file not found: {path}")
         if from_run is not None:
             run_id, round, metrics = run_info(from_run)
             privacy = certificate_for_run(from_run, round, final=True, metrics=metrics)
         header = pb.PublishHeader(
-            name=name, tags=[check_tag(t) for t in tags], run_id=run_id, round=round,
-            privacy=privacy or unknown_certificate(), sha256=digest.sha256, size_bytes=digest.size_bytes,
-        )  # fmt: skip
+            name=name, tags=tags, run_id=run_id, round=round, privacy=privacy or unknown_certificate()
+        )
         if parent is not None:
             header.parent.CopyFrom(self._parent_ref(parent))
+        hasher, failure = PayloadHasher(), []
 
         def requests() -> Iterator[pb.PublishRequest]:
-            yield pb.PublishRequest(header=header)
-            for chunk in iter_file(path):
-                yield pb.PublishRequest(chunk=chunk)
+            """Header, chunks hashed on the way out (one read of the file), then the trailer."""
+            try:
+                yield pb.PublishRequest(header=header)
+                for chunk in iter_file(path):
+                    hasher.update(chunk)
+                    yield pb.PublishRequest(chunk=chunk)
+                yield pb.PublishRequest(trailer=pb.PublishTrailer(sha256=hasher.finish().sha256))
+            except Exception as exc:  # gRPC would only report "cancelled"
+                failure.append(exc)
+                raise
 
-        response = self._call(self._stub.Publish, requests(), timeout=None)
+        try:
+            response = self._call(self._stub.Publish, requests(), timeout=None)
+        except UserError:
+            if failure:
+                raise _with_path(failure[0], path) from None
+            raise
         version = _version(response.record, Ref(name))
-        if version.sha256 != digest.sha256:
-            raise IntegrityError(f"the registry recorded sha256 {version.sha256} for {path}, which hashes to {digest.sha256}")
+        problems = payload_mismatches(version.manifest, hasher.finish())
+        if problems:
+            raise IntegrityError(f"the registry's manifest of {version.ref} does not match {path}: " + "; ".join(problems))
         return version
 
     # ----------------------------------------------------------- reads
@@ -251,6 +267,15 @@ class Client:
 
 def _version(record: pb.ManifestRecord, wanted: Ref) -> Version:
     return Version(decode(record, expect=wanted), record.digest)
+
+
+def _with_path(exc: Exception, path) -> Exception:
+    """A failure while reading the file being pushed, as a user error naming the file."""
+    if isinstance(exc, PayloadError):
+        return PayloadError(f"{path}: {exc}")
+    if isinstance(exc, OSError):
+        return UserError(f"cannot read {path}: {exc.strerror or exc}")
+    return exc
 
 
 def _check_payload(version: Version, hasher: PayloadHasher) -> None:

@@ -14,6 +14,7 @@ import json
 import math
 import struct
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,11 @@ DTYPE_BYTES = {
     "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
+
+
+# The whole-file hash of a chunk runs here while the caller hashes its tensors (hashlib releases
+# the GIL), which nearly halves the time on two or more cores.
+_FILE_HASH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
 
 class PayloadError(UserError):
@@ -68,6 +74,7 @@ class PayloadHasher:
 
     def __init__(self) -> None:
         self._file = hashlib.sha256()
+        self._pending: Future | None = None  # the whole-file hash of the previous chunk
         self._size = 0
         self._prefix = bytearray()  # length field + header, until the header is parsed
         self._header_end: int | None = None  # absolute offset where the data section starts
@@ -76,7 +83,8 @@ class PayloadHasher:
 
     def update(self, chunk: bytes) -> None:
         """Consume the next bytes of the payload."""
-        self._file.update(chunk)
+        self._wait()
+        self._pending = _FILE_HASH_POOL.submit(self._file.update, chunk)
         start = self._size
         self._size += len(chunk)
         view = memoryview(chunk)
@@ -89,6 +97,7 @@ class PayloadHasher:
 
     def finish(self) -> PayloadDigest:
         """The digests; raises PayloadError if the payload was truncated or malformed."""
+        self._wait()
         if self._header_end is None:
             raise PayloadError(f"not a safetensors file: only {self._size} bytes, the header is incomplete")
         data_len = self._slots[-1].end if self._slots else 0
@@ -102,6 +111,11 @@ class PayloadHasher:
             for s in self._slots
         )
         return PayloadDigest(self._file.hexdigest(), self._size, tensors)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
 
     def _take_header(self, view: memoryview) -> memoryview:
         """Collect the length field and the header; return the bytes that follow them."""
@@ -179,9 +193,9 @@ def digest_file(path: str | Path) -> PayloadDigest:
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     hasher = PayloadHasher()
-    for chunk in iter_file(path):
-        hasher.update(chunk)
     try:
+        for chunk in iter_file(path):
+            hasher.update(chunk)
         return hasher.finish()
     except PayloadError as exc:
         raise PayloadError(f"{path}: {exc}") from None

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,3 +102,23 @@ def serve(root: str | Path, address: str, policy: AccessPolicy, tls_dir: str | P
     stopping.wait()
     log.info("stopping")
     registry.stop(grace=5.0)
+
+
+def spawn_registry(root: str | Path, *args: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """Start ``fedweights registry serve --root ROOT --address 127.0.0.1:0 ARGS`` as a process.
+
+    Returns the process and the HOST:PORT it bound (read from its start-up log line).
+    """
+    cmd = [sys.executable, "-m", "fedweights", "registry", "serve", "--root", str(root), "--address", "127.0.0.1:0", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline, lines = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        found = re.search(r" on (127\.0\.0\.1:\d+) ", line)
+        if found:
+            return proc, found.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise UserError("the registry process did not start: " + "".join(lines)[-2000:])

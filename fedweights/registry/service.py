@@ -40,13 +40,10 @@ class RegistryServicer(pb_grpc.WeightRegistryServicer):
                 check_tag(tag)
             upload = self.store.upload()
             try:
-                for request in request_iterator:
-                    if request.WhichOneof("part") != "chunk":
-                        raise UserError("after the header a publish stream carries only chunks")
-                    upload.write(request.chunk)
+                expected = _receive(request_iterator, upload, header.sha256)
                 if not context.is_active():
                     raise UserError("the client went away before the upload finished")
-                digest, existed = upload.commit(expected_sha256=header.sha256)
+                digest, existed = upload.commit(expected_sha256=expected)
             except BaseException:
                 upload.discard()
                 raise
@@ -95,6 +92,23 @@ class RegistryServicer(pb_grpc.WeightRegistryServicer):
 
     def CheckAccess(self, request: pb.CheckAccessRequest, context: grpc.ServicerContext) -> pb.CheckAccessResponse:
         return pb.CheckAccessResponse(identity=self.policy.authorize(context, write=request.write))
+
+
+def _receive(requests: Iterator[pb.PublishRequest], upload, header_sha256: str) -> str:
+    """Write the chunks to ``upload``; return the sha256 the sender vouches for (header or trailer)."""
+    trailer = None
+    for request in requests:
+        part = request.WhichOneof("part")
+        if trailer is not None or part == "header":
+            raise UserError("a publish stream is one header, the chunks, then at most one trailer")
+        if part == "chunk":
+            upload.write(request.chunk)
+        else:
+            trailer = request.trailer
+    claimed = {h for h in (header_sha256, trailer.sha256 if trailer else "") if h}
+    if len(claimed) > 1:
+        raise IntegrityError(f"the header and the trailer name different sha256 values: {sorted(claimed)}")
+    return claimed.pop() if claimed else ""
 
 
 @contextlib.contextmanager
