@@ -140,4 +140,4 @@ def test_bad_input_is_refused_and_nothing_is_stored(client, registry, tmp_path):
                 stub.Publish(iter([header, *[pb.PublishRequest(chunk=c) for c in chunks]]), metadata=[("authorization", f"Bearer {TOKEN}")])
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
     assert client.list() == [] and not list((registry.store.root / "tmp").iterdir())
-    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "x.safetensors").exists()
+    assert not list(tmp_path.glob(".x.safetensors.*")) and not (tmp_path / "x.safetensors").exists()

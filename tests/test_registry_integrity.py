@@ -48,9 +48,11 @@ def test_tampered_payload_is_reported_and_nothing_is_written(client, registry, t
     data[-100] ^= 0x01  # one bit inside the last tensor
     blob.write_bytes(bytes(data))
 
+    (tmp_path / "out.safetensors").write_bytes(b"the user's previous file")
     with pytest.raises(IntegrityError, match="stored payload of m:1 was altered"):
         client.pull("m:1", tmp_path / "out.safetensors")
-    assert _no_output(tmp_path, "out.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == b"the user's previous file"  # untouched
+    assert not list(tmp_path.glob(".out.safetensors.*"))  # no partial file left behind
     assert client.verify(tmp_path / "m.safetensors", "m:1")[1] == []  # the manifest still vouches for the original
     problems = registry.store.check()
     last_tensor = version.manifest.tensors[-1].name  # per-tensor hashes say where the damage is

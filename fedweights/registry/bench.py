@@ -1,8 +1,8 @@
 """Registry throughput: push and pull of a ~100 MB model versus a plain file copy, side by side.
 
 The registry runs as its own process (``fedweights registry serve``) on loopback, as it would
-for a local user; each figure is the median of ``repeats`` runs. Push includes hashing the file
-first and the registry's fsync; pull includes verifying every hash and fsyncing the output.
+for a local user; each figure is the median of ``repeats`` runs. Push includes hashing on both
+sides and the registry's fsync; pull includes verifying every hash and fsyncing the output.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run(megabytes: int = 100, repeats: int = 3) -> dict:
         **rates,
         "push_vs_copy_fsync": round(timings["push_new"] / timings["copy_fsync"], 2),
         "pull_vs_copy_fsync": round(timings["pull"] / timings["copy_fsync"], 2),
-        "note": "loopback gRPC, registry in its own process; push hashes the file first, pull verifies every hash",
+        "note": "loopback gRPC, registry in its own process; push hashes while streaming and the registry re-hashes and fsyncs; pull verifies every hash and fsyncs",
     }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 
 from ..errors import UserError
-from ..fileio import _fsync_dir
+from ..fileio import atomic_open
 from ..proto import registry_pb2 as pb
 from ..proto import registry_pb2_grpc as pb_grpc
 from .auth import channel_credentials, read_token
@@ -168,31 +168,20 @@ class Client:
     def pull(self, ref: str, out: str | Path, chunk_size: int = CHUNK_SIZE) -> Version:
         """Download ``ref`` to ``out``; the file appears only if every hash matches the manifest."""
         wanted, out = parse_ref(ref), Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         stream = self._stub.Get(pb.GetRequest(ref=ref, chunk_size=chunk_size), metadata=self._metadata)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                version, hasher = None, PayloadHasher()
-                for message in _translate(stream, self.address):
-                    if message.WhichOneof("part") == "record":
-                        version = _version(message.record, wanted)
-                    elif version is None:
-                        raise IntegrityError(f"the registry sent payload bytes for {ref} before its manifest")
-                    else:
-                        hasher.update(message.chunk)
-                        fh.write(message.chunk)
-                if version is None:
-                    raise IntegrityError(f"the registry sent no manifest for {ref}")
-                _check_payload(version, hasher)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(out.parent)
+        version, hasher = None, PayloadHasher()
+        with atomic_open(out) as fh:  # replaces `out` only if every check below passes
+            for message in _translate(stream, self.address):
+                if message.WhichOneof("part") == "record":
+                    version = _version(message.record, wanted)
+                elif version is None:
+                    raise IntegrityError(f"the registry sent payload bytes for {ref} before its manifest")
+                else:
+                    hasher.update(message.chunk)
+                    fh.write(message.chunk)
+            if version is None:
+                raise IntegrityError(f"the registry sent no manifest for {ref}")
+            _check_payload(version, hasher)
         return version
 
     def resolve(self, ref: str) -> Version:
@@ -210,11 +199,11 @@ class Client:
 
         The digests and parent links are re-checked here, independently of the registry.
         """
-        records = self._call(self._stub.Log, pb.LogRequest(ref=ref)).records
         wanted = parse_ref(ref)
-        manifests = check_chain(list(records))
-        if manifests and (manifests[0].name != wanted.name or (wanted.version and manifests[0].version != wanted.version)):
-            raise IntegrityError(f"asked for the log of {ref}, received {manifests[0].name}:{manifests[0].version}")
+        records = list(self._call(self._stub.Log, pb.LogRequest(ref=ref)).records)
+        manifests = check_chain(records)
+        if records:
+            decode(records[0], expect=wanted)  # the log starts at what was asked for
         return [Version(m, r.digest) for m, r in zip(manifests, records)]
 
     def verify(self, path: str | Path, ref: str) -> tuple[Version, list[str]]:

@@ -123,3 +123,6 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
     except UserError as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except OSError as exc:  # e.g. the store's disk is full: the upload was discarded
+        log.exception("storage error")
+        context.abort(grpc.StatusCode.INTERNAL, f"registry storage error: {exc.strerror or exc}")

@@ -90,10 +90,13 @@ class WeightStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        for sub in ("blobs/sha256", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
+        try:
+            for sub in ("blobs/sha256", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise UserError(f"cannot use {self.root} as a registry store: {exc}") from None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
