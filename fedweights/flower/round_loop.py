@@ -42,6 +42,10 @@ class RoundHooks:
 def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
     """The hooks a run's config asks for (privacy ledger, checkpoints, publishing, …)."""
     hooks: list[RoundHooks] = []
+    if runtime.config.publish.registry:  # keep last: it copies the privacy report the hooks above write
+        from ..registry.publish import RegistryPublisher
+
+        hooks.append(RegistryPublisher(runtime.config, run_dir))
     return hooks
 
 
