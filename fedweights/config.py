@@ -65,6 +65,46 @@ class HEConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Publish the run's global models to a weight registry (see ``fedweights registry serve``)."""
+
+    registry: str | None = None  # HOST:PORT; publishing is on when set
+    name: str | None = None  # model name in the registry
+    every_round: bool = False  # also publish each round's model, not only the final one
+    tags: str | None = None  # comma-separated tags for the final model
+    token_file: str | None = None  # registry token (default: $FEDWEIGHTS_REGISTRY_TOKEN_FILE)
+    tls_dir: str | None = None  # ca.crt (+ client.pem/client.key) to reach a TLS registry
+
+    def validate(self) -> None:
+        """Publishing needs an address and a valid name; its other keys need publishing on."""
+        if self.registry is None:
+            for key in ("name", "tags", "token_file", "tls_dir"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"publish.{key}", "needs publish.registry (the registry's HOST:PORT)")
+            if self.every_round:
+                raise ConfigError("publish.every_round", "needs publish.registry (the registry's HOST:PORT)")
+            return
+        host, _, port = self.registry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("publish.registry", f"must look like HOST:PORT, got {self.registry!r}")
+        if not self.name:
+            raise ConfigError("publish.name", "is required when publishing (the model name in the registry)")
+        from .registry.manifest import check_name, check_tag
+
+        for key, check, values in (("publish.name", check_name, [self.name]), ("publish.tags", check_tag, self.tag_list)):
+            for value in values:
+                try:
+                    check(value)
+                except UserError as exc:
+                    raise ConfigError(key, f"is not valid: {exc}") from None
+
+    @property
+    def tag_list(self) -> list[str]:
+        """``tags`` split at commas."""
+        return [t.strip() for t in (self.tags or "").split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """How the server aggregates: a built-in strategy (``fedweights.strategies.BUILTINS``) or ``module:Class``."""
 
@@ -171,6 +211,7 @@ class RunConfig:
     round_timeout: float = 600.0
     dp: DPConfig = field(default_factory=DPConfig)
     he: HEConfig = field(default_factory=HEConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     user_dp: UserDPConfig = field(default_factory=UserDPConfig)
@@ -196,6 +237,13 @@ class RunConfig:
             raise ConfigError("task", f"must look like 'package.module:function', got {self.task!r}")
         self.dp.validate()
         self.he.validate()
+        self.publish.validate()
+        if self.publish.registry and self.he.enabled:
+            raise ConfigError(
+                "publish.registry",
+                "cannot be used with he.enabled: under HE the coordinator never holds the plaintext model; "
+                "a client publishes it after decryption with `fedweights weights push` (README: Weight registry)",
+            )
         self.strategy.validate(self.clients)
         self.attack.validate(self.clients)
         self.user_dp.validate(self.clients, self.strategy.name)

@@ -31,6 +31,9 @@ def simulate_command(
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<timestamp>)."),
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Record-level DP-SGD on clients."),
     he: Optional[bool] = typer.Option(None, "--he/--no-he", help="Homomorphically encrypted aggregation."),
+    publish: Optional[str] = typer.Option(None, "--publish", help="Weight registry HOST:PORT: publish the final global model there."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the registry (with --publish)."),
+    publish_every_round: Optional[bool] = typer.Option(None, "--publish-every-round", help="Also publish each round's model."),
     strategy: Optional[str] = typer.Option(
         None, help="Aggregation: fedavg | fedavgm | fedprox | fedadam | median | trimmed-mean | krum | multi-krum, "
         "or your own 'package.module:Class' (default: fedavg).",
@@ -63,6 +66,9 @@ def simulate_command(
             "out": str(out) if out else None,
             "dp.enabled": dp,
             "he.enabled": he,
+            "publish.registry": publish,
+            "publish.name": name,
+            "publish.every_round": publish_every_round,
             "strategy.name": strategy,
             "strategy.max_norm": max_norm,
             "attack.malicious": malicious,

@@ -46,6 +46,10 @@ def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
         from ..privacy.user_level_report import UserLevelPrivacyFile  # imports RoundHooks from here
 
         hooks.append(UserLevelPrivacyFile(runtime.config, run_dir))
+    if runtime.config.publish.registry:  # keep last: it copies the privacy report the hooks above write
+        from ..registry.publish import RegistryPublisher
+
+        hooks.append(RegistryPublisher(runtime.config, run_dir))
     return hooks
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import RunFailed, UserError
 from ..progress import RichReporter
+from ..registry.publish import preflight as publish_preflight
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..strategies import build_strategy
 from ..task import Task, save_task
@@ -37,6 +38,7 @@ def simulate(
     """
     config.validate()
     _refuse_unavailable(config)
+    publish_preflight(config)  # registry reachable and accepting our writes, before any process starts
     out = Path(config.out) if config.out else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, out=str(out.resolve()))
