@@ -129,9 +129,9 @@ class StrategyConfig:
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError("strategy.trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
         if not 0 <= self.byzantine < clients:
-            raise ConfigError("strategy.byzantine", f"must be between 0 and clients-1={clients - 1}, got {self.byzantine}")
+            raise ConfigError("strategy.byzantine", f"must be in 0..clients-1={clients - 1}, got {self.byzantine}")
         if self.krum_select is not None and not 1 <= self.krum_select <= clients:
-            raise ConfigError("strategy.krum_select", f"must be between 1 and clients={clients}, got {self.krum_select}")
+            raise ConfigError("strategy.krum_select", f"must be in 1..clients={clients}, got {self.krum_select}")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,16 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.serverapp.strategy import FedProx
+
 from fedweights.attacks import poison_labels, tamper_update
-from fedweights.config import AttackConfig
+from fedweights.config import AttackConfig, RunConfig
+from fedweights.flower.client_app import train_reply
+from fedweights.flower.runtime import Runtime
 from fedweights.proximal import ProximalLoss, local_criterion
+
+from .flower_messages import NodesGrid
 
 START = {"w": torch.zeros(50, 40), "steps": torch.tensor([7])}
 TRAINED = {"w": torch.full((50, 40), 0.5), "steps": torch.tensor([8])}
@@ -57,26 +64,31 @@ def test_proximal_term_pulls_towards_the_global_model():
     torch.testing.assert_close(model.weight.grad, torch.full((2, 3), 0.5))  # mu · (w - w_global)
 
 
-def test_fedprox_mu_from_the_server_keeps_client_weights_closer_to_the_global_model():
-    """The ClientApp's train step reads Flower FedProx's ``proximal-mu`` from the train config."""
-    from flwr.app import ConfigRecord, Context, RecordDict
-    from flwr.serverapp.strategy import FedProx
-
-    from fedweights.config import RunConfig
-    from fedweights.flower.client_app import train_reply
-    from fedweights.flower.runtime import Runtime
-
-    from .flower_messages import NodesGrid
-
-    runtime = Runtime(RunConfig(clients=4, local_epochs=2, lr=0.2))
+def client_update(config: RunConfig, mu: float = 0.0) -> tuple[dict, dict]:
+    """(global state, state the ClientApp's train step replies with) for partition 0 of 4."""
+    runtime = Runtime(config)
+    torch.manual_seed(0)  # the same global model every call
     model = runtime.task().model_fn()
     context = Context(1, 1, {"partition-id": 0, "num-partitions": 4}, RecordDict(), {})
+    strategy = FedProx(proximal_mu=mu, min_available_nodes=1, min_train_nodes=1, fraction_train=0.01)
+    (msg,) = strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), NodesGrid([1]))
+    return model.state_dict(), train_reply(msg, context, runtime).content["arrays"].to_torch_state_dict()
 
-    def drift(mu: float) -> float:
-        (msg,) = FedProx(proximal_mu=mu, min_available_nodes=1, min_train_nodes=1, fraction_train=0.01).configure_train(
-            1, ArrayRecord(model.state_dict()), ConfigRecord(), NodesGrid([1])
-        )
-        trained = train_reply(msg, context, runtime).content["arrays"].to_torch_state_dict()
-        return sum(float((trained[k] - v).norm() ** 2) for k, v in model.state_dict().items()) ** 0.5
 
-    assert drift(5.0) < 0.5 * drift(0.0)
+def distance(a: dict, b: dict) -> float:
+    return sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+
+
+def test_fedprox_mu_from_the_server_keeps_client_weights_closer_to_the_global_model():
+    """The ClientApp's train step reads Flower FedProx's ``proximal-mu`` from the train config."""
+    config = RunConfig(clients=4, lr=0.2)
+    assert distance(*client_update(config, mu=5.0)) < 0.5 * distance(*client_update(config, mu=0.0))
+
+
+def test_client_app_applies_the_attack_of_a_malicious_partition():
+    start, honest = client_update(RunConfig(clients=4))
+    _, flipped = client_update(RunConfig(clients=4, attack=AttackConfig(malicious=1, kind="sign-flip", scale=1.0)))
+    for key in start:  # same seed, same training: the attacker reports the reversed update
+        torch.testing.assert_close(flipped[key] - start[key], -(honest[key] - start[key]))
+    _, poisoned = client_update(RunConfig(clients=4, attack=AttackConfig(malicious=1, kind="label-flip")))
+    assert distance(poisoned, honest) > 0.1 * distance(honest, start)  # trained on other labels

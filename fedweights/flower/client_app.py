@@ -51,7 +51,8 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     model = _model_from(msg, runtime)
     seed = config.seed * 100_003 + server_round * 1_009 + pid
     train_data = attacks.poison_labels(config.attack, pid, data.train, runtime.task().train_data)
-    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, config.lr, config.momentum)
     criterion = local_criterion(model, float(msg.content[CONFIG].get(PROXIMAL_MU_KEY, 0.0)))  # FedProx
     loss = train_epochs(model, loader, optimizer, config.local_epochs, device, criterion)

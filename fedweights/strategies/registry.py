@@ -123,10 +123,13 @@ def load_strategy_class(spec: str) -> type[Strategy]:
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
-        raise ConfigError("strategy.name", f"={spec!r}: module {module_name!r} cannot be imported ({exc}); "
-                          "is it on PYTHONPATH?") from None  # fmt: skip
+        reason = f"={spec!r}: module {module_name!r} cannot be imported ({exc}); is it on PYTHONPATH?"
+        raise ConfigError("strategy.name", reason) from None
     except AttributeError:
         raise ConfigError("strategy.name", f"={spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    except Exception as exc:  # the user's module itself fails while importing
+        reason = f"={spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        raise ConfigError("strategy.name", reason) from None
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise ConfigError(
             "strategy.name",
@@ -166,11 +169,8 @@ def _instantiate_user_class(spec: str, cls: type[Strategy], offered: dict[str, A
     parameters = inspect.signature(cls).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     kwargs = {k: v for k, v in offered.items() if takes_any or k in parameters}
-    required = [
-        n for n, p in parameters.items()
-        if p.default is inspect.Parameter.empty and n not in kwargs
-        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]  # fmt: skip
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    required = [n for n, p in parameters.items() if p.default is p.empty and n not in kwargs and p.kind not in variadic]
     if required:
         raise ConfigError(
             "strategy.name",

@@ -80,8 +80,11 @@ class UserLevelDPFedAvg(FedAvg):
 
     def summary(self) -> None:
         """Log the DP-FedAvg settings."""
-        log(INFO, "\t├──> User-level DP-FedAvg: z=%s, S=%s, q=%s, m=%s", self.noise_multiplier,
-            self.clipping_norm, self.sample_rate, self.expected_clients)  # fmt: skip
+        log(
+            INFO,
+            "\t├──> User-level DP-FedAvg: z=%s, S=%s, q=%s, m=%s",
+            self.noise_multiplier, self.clipping_norm, self.sample_rate, self.expected_clients,
+        )  # fmt: skip
         super().summary()
 
     def configure_train(
@@ -104,18 +107,21 @@ class UserLevelDPFedAvg(FedAvg):
             raise RuntimeError("configure_train must run before aggregate_train")
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         current = {k: a.numpy() for k, a in self.current_arrays.items()}
-        noised = {k: np.zeros(v.shape, dtype=np.float64) for k, v in current.items() if v.dtype.kind == "f"}
+        sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in current.items() if v.dtype.kind == "f"}
         for reply in valid:
             arrays = next(iter(reply.content.array_records.values()))
-            for key, delta in clip_update(arrays, current, noised, self.clipping_norm).items():
-                noised[key] += delta
+            for key, delta in clip_update(arrays, current, sums, self.clipping_norm).items():
+                sums[key] += delta
         std = self.noise_multiplier * self.clipping_norm
-        for key, total in noised.items():
+        for total in sums.values():
             total += self.noise_rng.normal(0.0, std, total.shape)
-        log(INFO, "aggregate_train: %d clipped update(s) (S=%g) + noise std %g, divided by m=%g",
-            len(valid), self.clipping_norm, std, self.expected_clients)  # fmt: skip
+        log(
+            INFO,
+            "aggregate_train: %d clipped update(s) (S=%g) + noise std %g, divided by m=%g",
+            len(valid), self.clipping_norm, std, self.expected_clients,
+        )  # fmt: skip
         new = {
-            k: Array(np.asarray(v + noised[k] / self.expected_clients, dtype=v.dtype) if k in noised else v)
+            k: Array(np.asarray(v + sums[k] / self.expected_clients, dtype=v.dtype) if k in sums else v)
             for k, v in current.items()
         }
         return ArrayRecord(new), MetricRecord()

@@ -107,7 +107,8 @@ def update_problem(reply: Message, global_arrays: ArrayRecord, max_norm: float |
     for key, reference in global_arrays.items():
         array = arrays[key]
         if tuple(array.shape) != tuple(reference.shape) or array.dtype != reference.dtype:
-            return f"'{key}' is {array.dtype}{list(array.shape)}, the global model has {reference.dtype}{list(reference.shape)}"
+            expected = f"{reference.dtype}{list(reference.shape)}"
+            return f"'{key}' is {array.dtype}{list(array.shape)}, the global model has {expected}"
         values = array.numpy()
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"'{key}' holds NaN or infinite values"
