@@ -15,9 +15,11 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
+from .. import attacks
+from ..proximal import PROXIMAL_MU_KEY, local_criterion
 from ..task import ClientData
 from ..training import evaluate, make_optimizer, select_device, train_epochs
-from .encryption import received_state, reply_arrays
+from .encryption import plaintext_global, received_state, reply_arrays
 from .runtime import Runtime, node_partition, runtime_from_context
 
 ARRAYS = "arrays"
@@ -53,13 +55,18 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     data = _client_data(runtime, pid, num)
     device = select_device(config.device)
     model = _model_from(msg, context, runtime)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round * 1_009 + pid)
-    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+    seed = config.seed * 100_003 + server_round * 1_009 + pid
+    train_data = attacks.poison_labels(config.attack, pid, data.train, runtime.task().train_data)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, config.lr, config.momentum)
-    loss = train_epochs(model, loader, optimizer, config.local_epochs, device)
+    criterion = local_criterion(model, float(msg.content[CONFIG].get(PROXIMAL_MU_KEY, 0.0)))  # FedProx
+    loss = train_epochs(model, loader, optimizer, config.local_epochs, device, criterion)
+    start = plaintext_global(msg, context, runtime, model)
+    state = attacks.tamper_update(config.attack, pid, start, model.cpu().state_dict(), seed)
     content = RecordDict(
         {
-            ARRAYS: reply_arrays(model.cpu().state_dict(), len(data.train), msg, context, runtime),
+            ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime),  # encrypted under --he
             METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
         }
     )

@@ -53,6 +53,12 @@ def received_state(msg: Message, context: Context, runtime: Runtime, model: torc
     return _last_decrypted[digest]
 
 
+def plaintext_global(msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module) -> ArrayRecord:
+    """The received global model as plaintext arrays (decrypted under ``--he``; the decryption is cached)."""
+    arrays = msg.content[ARRAYS]
+    return arrays if not is_encrypted(arrays) else ArrayRecord(dict(received_state(msg, context, runtime, model)))
+
+
 def reply_arrays(
     state: Mapping[str, torch.Tensor], num_examples: int, msg: Message, context: Context, runtime: Runtime
 ) -> ArrayRecord:
@@ -127,6 +133,7 @@ __all__ = [
     "client_key",
     "decrypt_model_file",
     "is_encrypted",
+    "plaintext_global",
     "prepare_simulation_keys",
     "received_state",
     "reply_arrays",

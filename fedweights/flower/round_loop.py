@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from ..errors import RunFailed
 from ..progress import RichReporter
 from ..run_dir import RoundRecord, RunDir, default_run_dir
-from ..strategies import build_strategy
+from ..strategies import build_strategy, rejected_updates
 from .encryption import is_encrypted, save_encrypted_model
 from .runtime import Runtime
 
@@ -43,6 +43,14 @@ class RoundHooks:
 def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
     """The hooks a run's config asks for (privacy ledger, checkpoints, publishing, …)."""
     hooks: list[RoundHooks] = []
+    if runtime.config.user_dp.enabled:
+        from ..privacy.user_level_report import UserLevelPrivacyFile  # imports RoundHooks from here
+
+        hooks.append(UserLevelPrivacyFile(runtime.config, run_dir))
+    if runtime.config.publish.registry:  # keep last: it copies the privacy report the hooks above write
+        from ..registry.publish import RegistryPublisher
+
+        hooks.append(RegistryPublisher(runtime.config, run_dir))
     return hooks
 
 
@@ -120,17 +128,25 @@ def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: Ar
     for hook in hooks:
         hook.on_train_replies(server_round, replies)
     usable = [r for r in replies if not r.has_error()]
-    needed = max(1, min(config.min_replies, len(sent)))
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies) if len(usable) >= needed else (None, None)
-    # A validating strategy (e.g. --he) says which nodes/updates it refused and how many it used.
-    failures += getattr(strategy, "rejected", [])
-    used = getattr(strategy, "accepted", len(usable)) if new_arrays is not None else len(usable)
-    if new_arrays is None or used < needed:
+    needed = min(config.min_replies, len(sent))  # 0 when nobody was sampled (Poisson sampling may do that)
+    _require_updates(server_round, len(usable), len(sent), needed, failures)
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    rejected = rejected_updates(strategy, server_round)  # replies update validation excluded
+    failures += rejected
+    refused = {item["node"] for item in rejected}  # (--he may also name nodes it never sent to)
+    used = sum(1 for r in usable if str(r.metadata.src_node_id) not in refused)
+    _require_updates(server_round, used, len(sent), needed, failures)
+    if new_arrays is None:
+        raise RunFailed(f"round {server_round}: the strategy produced no model. Failures: {_summarise(failures)}")
+    return new_arrays, metrics, failures, used
+
+
+def _require_updates(server_round: int, usable: int, sent: int, needed: int, failures: list[dict[str, str]]) -> None:
+    if usable < needed:
         raise RunFailed(
-            f"round {server_round} got {used} usable update(s) of {len(sent)} sent; "
+            f"round {server_round} got {usable} usable update(s) of {sent} sent; "
             f"at least {needed} needed. Failures: {_summarise(failures)}"
         )
-    return new_arrays, metrics, failures, used
 
 
 def _evaluate_round(grid, strategy, timeout: float, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

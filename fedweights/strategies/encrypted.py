@@ -11,8 +11,8 @@ Each round:
    ciphertext sum. A bad update is rejected with a logged reason; the round goes on without it.
    The result is the encrypted sum plus the total weight, which clients decrypt and divide.
 
-The strategy only ever holds the server context (no secret key); ``rejected`` and ``accepted``
-tell the round loop what happened to each update.
+The strategy only ever holds the server context (no secret key); ``rejected[round]`` tells the
+round loop which nodes or updates it refused and why (see ``strategies.rejected_updates``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..crypto.envelope import EnvelopeError, TensorInfo, is_encrypted, layout_fr
 from ..crypto.keys import HEKey, load_server_key
 from ..errors import ConfigError, RunFailed, UserError
 from ..proto import update_pb2 as pb
+from ..proximal import PROXIMAL_MU_KEY
 
 log = logging.getLogger("fedweights.he")
 
@@ -53,16 +54,20 @@ class EncryptedFedAvg(FedAvg):
         Sampling settings passed to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, …).
     """
 
-    def __init__(self, key: HEKey, query_timeout: float = 600.0, **fedavg_kwargs) -> None:
+    linear_in_updates = True
+
+    def __init__(
+        self, key: HEKey, query_timeout: float = 600.0, train_config: dict | None = None, **fedavg_kwargs
+    ) -> None:
         if key.is_secret:
             raise UserError("the encrypted strategy was given a secret context; the coordinator must only hold server.ctx")
         super().__init__(**fedavg_kwargs)
         self.key = key
         self.query_timeout = query_timeout
+        self.train_config = dict(train_config or {})  # extra train-config entries (e.g. FedProx's mu)
         self.counts: dict[int, int] = {}  # node id → the example count it last reported
         self.layout: tuple[TensorInfo, ...] | None = None
-        self.rejected: list[dict[str, str]] = []  # this round's refused nodes/updates, with reasons
-        self.accepted = 0
+        self.rejected: dict[int, list[dict[str, str]]] = {}  # round → refused nodes/updates, with reasons
         self._expect: RoundExpectation | None = None
         self._planned: dict[int, int] = {}  # node id → count this round's normaliser assumes
 
@@ -70,7 +75,8 @@ class EncryptedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes, learn unknown example counts, announce the weight normaliser."""
-        self.rejected, self.accepted = [], 0
+        self._round = server_round
+        self.rejected[server_round] = []
         self._learn_layout(arrays)
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
@@ -85,13 +91,15 @@ class EncryptedFedAvg(FedAvg):
             raise RunFailed(
                 f"round {server_round}: only {len(node_ids)} sampled node(s) reported their example counts, "
                 f"at least {max(1, self.min_train_nodes)} needed. Failures: "
-                + "; ".join(f"node {r['node']}: {r['reason']}" for r in self.rejected)
+                + "; ".join(f"node {r['node']}: {r['reason']}" for r in self.rejected[server_round])
             )
         self._planned = {n: self.counts[n] for n in node_ids}
         normaliser = sum(self._planned.values())
         self._expect = RoundExpectation(server_round, self.layout, normaliser)
         config["server-round"] = server_round
         config[NORMALISER] = normaliser
+        for key, value in self.train_config.items():
+            config[key] = value
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
@@ -121,8 +129,8 @@ class EncryptedFedAvg(FedAvg):
                 self._reject(node, f"update rejected: {exc}")
                 continue
             accepted.append(reply.content)
-        self.accepted = len(accepted)
-        log.info("round %d: summed %d encrypted update(s), %d rejected", server_round, len(accepted), len(self.rejected))
+        rejected = len(self.rejected[server_round])
+        log.info("round %d: summed %d encrypted update(s), %d node(s) refused", server_round, len(accepted), rejected)
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted else None
         return total.result(), metrics
 
@@ -169,19 +177,32 @@ class EncryptedFedAvg(FedAvg):
             self._reject(node, "did not report its example count within round_timeout")
 
     def _reject(self, node: int, reason: str) -> None:
-        log.warning("node %s: %s", node, reason)
-        self.rejected.append({"node": str(node), "reason": reason})
+        log.warning("round %d: node %s: %s", self._round, node, reason)
+        self.rejected[self._round].append({"node": str(node), "reason": reason})
 
 
 def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
-    """The ``--he`` strategy for a run config; needs ``he.server_key`` (the coordinator's server.ctx)."""
+    """The ``--he`` strategy for a run config: FedAvg (or FedProx, whose extra is on the clients).
+
+    Needs ``he.server_key`` (the coordinator's server.ctx).
+    """
+    if config.strategy.name not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            "strategy.name",
+            f"is {config.strategy.name!r}; encrypted aggregation (--he) runs fedavg or fedprox: anything the "
+            "server computes beyond a weighted sum (momentum, adaptive steps) would need the plaintext model",
+        )
+    if config.strategy.max_norm is not None:
+        raise ConfigError("strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he")
     if not config.he.server_key:
         raise ConfigError(
             "he.server_key", "is not set: the coordinator needs server.ctx (`fedweights server --he-server-key DIR/server.ctx`)"
         )
+    extra = {PROXIMAL_MU_KEY: config.strategy.proximal_mu} if config.strategy.name == "fedprox" else {}
     return EncryptedFedAvg(
         load_server_key(config.he.server_key),
         query_timeout=config.round_timeout,
+        train_config=extra,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_replies,
