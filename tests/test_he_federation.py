@@ -15,15 +15,17 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedweights.config import HEConfig, RunConfig
+from fedweights.config import HEConfig, RunConfig, StrategyConfig
 from fedweights.crypto.keys import make_keys
-from fedweights.errors import RunFailed
+from fedweights.errors import ConfigError, RunFailed
 from fedweights.flower.client_app import evaluate_reply, query_reply, train_reply
 from fedweights.flower.encryption import decrypt_model_file
 from fedweights.flower.round_loop import RoundHooks, run_federation
 from fedweights.flower.runtime import NODE_HE_KEY, NUM_PARTITIONS, PARTITION_ID, Runtime
 from fedweights.progress import RichReporter
+from fedweights.proximal import PROXIMAL_MU_KEY
 from fedweights.run_dir import RunDir
+from fedweights.strategies import build_strategy
 from fedweights.task import builtin_task
 
 HANDLERS = {"train": train_reply, "evaluate": evaluate_reply, "query": query_reply}
@@ -159,3 +161,26 @@ def test_coordinator_refuses_a_secret_key(tmp_path, key_pairs):
     grid = LocalGrid(Runtime(bad), {1: {PARTITION_ID: 0, NUM_PARTITIONS: 1}})
     with pytest.raises(Exception, match="holds the SECRET key"):
         run_federation(grid, Runtime(bad), reporter=RichReporter())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "key", "reason"),
+    [
+        (StrategyConfig(name="fedavgm"), "strategy.name", "runs fedavg or fedprox"),
+        (StrategyConfig(name="median"), "strategy.name", "not linear in the updates"),
+        (StrategyConfig(max_norm=5.0), "strategy.max_norm", "cannot be checked on encrypted updates"),
+    ],
+)
+def test_he_refuses_server_work_that_needs_plaintext(key_pairs, strategy, key, reason):
+    good, _ = key_pairs
+    config = RunConfig(strategy=strategy, he=HEConfig(enabled=True, key=str(good.secret), server_key=str(good.server)))
+    with pytest.raises(ConfigError, match=reason) as info:
+        build_strategy(config)
+    assert info.value.key == key
+
+
+def test_fedprox_under_he_sends_mu_to_the_clients(key_pairs):
+    good, _ = key_pairs
+    he = HEConfig(enabled=True, key=str(good.secret), server_key=str(good.server))
+    strategy = build_strategy(RunConfig(strategy=StrategyConfig(name="fedprox", proximal_mu=0.3), he=he))
+    assert strategy.train_config == {PROXIMAL_MU_KEY: 0.3} and not strategy.key.is_secret

@@ -8,16 +8,24 @@ reason and leaves the sum untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord
 
 from ..proto import update_pb2 as pb
-from .codec import check_key, load_checked, make_header, max_ciphertext_bytes, tools
-from .envelope import EnvelopeError, TensorInfo, iter_chunks, layout_difference, layout_from_proto, num_ciphertexts, pack, read_header
 from . import seal_io
+from .codec import check_key, load_checked, make_header, max_ciphertext_bytes, tools
+from .envelope import (
+    EnvelopeError,
+    TensorInfo,
+    iter_chunks,
+    layout_difference,
+    layout_from_proto,
+    num_ciphertexts,
+    pack,
+    read_header,
+)
 from .keys import HEKey
 
 
@@ -116,8 +124,3 @@ class EncryptedSum:
             )
         if self.num_summands + 1 > params.max_summands:
             raise EnvelopeError(f"noise budget: at most {params.max_summands} updates can be summed with these parameters")
-
-
-def expectation(server_round: int, layout: Sequence[TensorInfo], normaliser: int) -> RoundExpectation:
-    """Shorthand for ``RoundExpectation`` with the layout as a tuple."""
-    return RoundExpectation(server_round, tuple(layout), normaliser)

@@ -9,10 +9,10 @@ example-weighted average. Per setup:
 * ``client_encrypt_s``: weighting + encoding + encryption + serialisation, median over clients;
 * ``server_aggregate_s``: deserialise (and for fedweights, validate) every client's payload and add
   it into the running total, for all clients (NVFlare: multiplying by the weights included), best
-  of three passes; ``server_serialise_s`` is the extra time to serialise the result for sending;
+  of ``repeats`` (3) passes; ``server_serialise_s`` is the extra time to serialise the result;
   ``server_sum_then_scale_s`` times NVFlare's other pairing (clients pre-weight, the server adds
   and multiplies once by 1/N: the same operations whatever the values, so timed on the same data);
-* ``decrypt_s``: one client decrypting the aggregate into weights (best of three);
+* ``decrypt_s``: one client decrypting the aggregate into weights (best of ``repeats``);
 * ``max_abs_error``: against the float64 weighted average;
 * ``server_peak_rss_mb``: peak resident memory of the process that aggregated. Each setup's
   server runs in its own fresh subprocess that reads the client payloads from disk one at a time
@@ -45,20 +45,22 @@ from .codec import decrypt_envelope, encrypt_update, layout_of
 from .envelope import TensorInfo, load_envelope, save_envelope
 from .keys import load_client_key, load_server_key, make_keys
 
-REPEATS = 3  # server passes and decryptions are timed as the best of this many, interleaved across setups
+REPEATS = 3  # default: server passes and decryptions are timed as the best of this many, interleaved
 TARGETS = {"bytes_per_param_max": 12.0, "server_speedup_min": 5.0, "client_speedup_min": 1.8, "max_abs_error_max": 1e-6}
 
 
-def run(params: int = 1_000_000, clients: int = 10, seed: int = 0) -> dict:
+def run(params: int = 1_000_000, clients: int = 10, seed: int = 0, repeats: int = REPEATS) -> dict:
     """Measure all setups on the same data in this run; return the comparison as a dict.
 
     Every measurement is interleaved across setups (client k of each setup in turn, server pass p
     of each setup in turn), so a machine whose load changes during the run affects all alike.
     """
-    if params < 1000 or clients < 1:
-        raise ValueError("need at least 1000 params and 1 client")
+    if params < 1000 or clients < 1 or repeats < 1:
+        raise ValueError("need at least 1000 params, 1 client and 1 repeat")
     updates, counts = synthetic_updates(params, clients, seed)
-    reference = {name: sum(u[name].astype(np.float64) * n for u, n in zip(updates, counts)) / sum(counts) for name in updates[0]}
+    reference = {
+        name: sum(u[name].astype(np.float64) * n for u, n in zip(updates, counts)) / sum(counts) for name in updates[0]
+    }
     with tempfile.TemporaryDirectory(prefix="fedweights-bench-he-") as tmp:
         work = Path(tmp)
         (work / "counts.json").write_text(json.dumps(counts))
@@ -78,10 +80,10 @@ def run(params: int = 1_000_000, clients: int = 10, seed: int = 0) -> dict:
         jobs = [(name, setup.server, setup) for name, setup in setups.items()]
         jobs.append(("nvflare_sum_then_scale", "nvflare-sum-then-scale", setups["nvflare"]))
         passes = {job: [] for job, _, _ in jobs}
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             for job, server, setup in jobs:
                 passes[job].append(_server_subprocess(server, setup.work, setup.server_ctx))
-        decrypts = {name: [setup.decrypt(reference) for _ in range(REPEATS)] for name, setup in setups.items()}
+        decrypts = {name: [setup.decrypt(reference) for _ in range(repeats)] for name, setup in setups.items()}
     results = {}
     for name, setup in setups.items():
         runs = passes[name]

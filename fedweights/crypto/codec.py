@@ -2,8 +2,8 @@
 
 A client with ``n_k`` examples encodes every weight ``w`` of its model as the integer
 ``round(2^F · n_k/N · w)`` (F: the key's scale bits, N: the round's public weight normaliser),
-packs N_slots integers per ciphertext and encrypts each with the shared secret key (seeded
-symmetric BFV). Summing the updates of clients whose counts add up to ``S <= N`` gives
+packs N_slots integers per ciphertext and encrypts each with the shared secret key (symmetric
+BFV; seeded, i.e. half the bytes, with ``compact``). Summing the updates of clients whose counts add up to ``S <= N`` gives
 ``Σ round(2^F n_k/N w_k)``; dividing by ``2^F · S/N`` yields the example-weighted average with an
 absolute error of at most ``K / (2^(F+1) · S/N)`` for K summands.
 """
@@ -23,7 +23,17 @@ from tenseal import sealapi
 from ..errors import UserError
 from ..proto import update_pb2 as pb
 from . import seal_io
-from .envelope import EnvelopeError, Header, TensorInfo, iter_chunks, layout_difference, layout_from_proto, layout_to_proto, pack, read_header
+from .envelope import (
+    EnvelopeError,
+    Header,
+    TensorInfo,
+    iter_chunks,
+    layout_difference,
+    layout_from_proto,
+    layout_to_proto,
+    pack,
+    read_header,
+)
 from .keys import HEKey
 
 
@@ -147,13 +157,20 @@ def encrypt_ints(key: HEKey, ints: np.ndarray, compact: bool = False) -> list[by
     return out
 
 
-def decrypt_envelope(key: HEKey, arrays: ArrayRecord, layout: Sequence[TensorInfo] | None = None) -> dict[str, torch.Tensor]:
+def decrypt_envelope(
+    key: HEKey, arrays: ArrayRecord, layout: Sequence[TensorInfo] | None = None
+) -> dict[str, torch.Tensor]:
     """Decrypt an aggregate (or update) envelope into the weighted-average state_dict.
 
     ``layout``: the model's own layout; a payload for a different model is refused.
     """
     header = read_header(arrays)
     check_key(header, key)
+    if not 1 <= header.num_summands <= key.params.max_summands:
+        raise EnvelopeError(
+            f"a sum of {header.num_summands} updates is outside the noise budget (1..{key.params.max_summands}): "
+            "its decryption would not be exact"
+        )
     got = layout_from_proto(header.layout)
     if layout is not None and (diff := layout_difference(got, layout)):
         raise EnvelopeError(f"the encrypted model does not fit this model: {diff}")

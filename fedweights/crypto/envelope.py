@@ -72,7 +72,7 @@ def layout_difference(got: Sequence[TensorInfo], expected: Sequence[TensorInfo])
         return f"{len(got)} tensors where {len(expected)} were expected"
     for a, b in zip(got, expected):
         if a != b:
-            return f"tensor {a.name!r} {list(a.shape)} {a.dtype} where {b.name!r} {list(b.shape)} {b.dtype} was expected"
+            return f"tensor {a.name!r} {list(a.shape)} {a.dtype} where {b.name!r} {list(b.shape)} {b.dtype} belongs"
     return None
 
 
@@ -87,9 +87,9 @@ def pack(header: Header, ciphertexts: Sequence[bytes]) -> ArrayRecord:
     header.ciphertexts_per_chunk = per_chunk
     del header.chunk_sha256[:]
     header.chunk_sha256.extend(hashlib.sha256(c).digest() for c in chunks)
-    entries = {HEADER_KEY: _raw(header.SerializeToString(), "fedweights.v1.EncryptedHeader")}
+    entries = {HEADER_KEY: _entry(HEADER_KEY, header.SerializeToString())}
     for i, chunk in enumerate(chunks):
-        entries[chunk_key(i)] = _raw(chunk, "fedweights.v1.CiphertextChunk")
+        entries[chunk_key(i)] = _entry(chunk_key(i), chunk)
     return ArrayRecord(entries)
 
 
@@ -118,7 +118,8 @@ def read_header(arrays: ArrayRecord) -> Header:
         raise EnvelopeError("corrupt header: zero slots per ciphertext or ciphertexts per chunk")
     layout = layout_from_proto(header.layout)
     if sum(t.size for t in layout) != header.num_values or header.num_values == 0:
-        raise EnvelopeError(f"corrupt header: layout holds {sum(t.size for t in layout)} values, header says {header.num_values}")
+        held = sum(t.size for t in layout)
+        raise EnvelopeError(f"corrupt header: layout holds {held} values, header says {header.num_values}")
     expected_keys = {HEADER_KEY, *(chunk_key(i) for i in range(len(header.chunk_sha256)))}
     if len(header.chunk_sha256) != num_chunks(header) or set(arrays.keys()) != expected_keys:
         raise EnvelopeError(
@@ -154,7 +155,9 @@ def iter_chunks(arrays: ArrayRecord, header: Header, max_ciphertext_bytes: int) 
         except DecodeError as exc:
             raise EnvelopeError(f"corrupt chunk {i}: {exc}") from None
         if chunk.index != i or len(chunk.ciphertexts) != want:
-            raise EnvelopeError(f"chunk {i} holds index {chunk.index} with {len(chunk.ciphertexts)} ciphertexts; expected {want}")
+            raise EnvelopeError(
+                f"chunk {i} holds index {chunk.index} with {len(chunk.ciphertexts)} ciphertexts; expected {want}"
+            )
         for j, ct in enumerate(chunk.ciphertexts):
             if len(ct) > max_ciphertext_bytes:
                 raise EnvelopeError(f"oversize ciphertext {i}/{j}: {len(ct)} bytes > {max_ciphertext_bytes}")
@@ -185,10 +188,12 @@ def load_envelope(path: str | Path) -> ArrayRecord:
         if end > len(data):
             raise EnvelopeError(f"{path} is truncated")
         name = data[pos : pos + name_len].decode()
-        entries[name] = _raw(data[pos + name_len : end], "raw")
+        entries[name] = _entry(name, data[pos + name_len : end])
         pos = end
     return ArrayRecord(entries)
 
 
-def _raw(data: bytes, stype: str) -> Array:
+def _entry(key: str, data: bytes) -> Array:
+    """A raw-bytes Array whose ``stype`` names the protobuf message it holds."""
+    stype = "fedweights.v1.EncryptedHeader" if key == HEADER_KEY else "fedweights.v1.CiphertextChunk"
     return Array(dtype="bytes", shape=(len(data),), stype=stype, data=data)

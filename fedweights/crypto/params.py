@@ -57,7 +57,8 @@ class HEParams:
         try:
             t = sealapi.PlainModulus.Batching(poly_modulus_degree, plain_modulus_bits).value()
         except Exception as exc:  # SEAL: no suitable prime of that size
-            raise UserError(f"no {plain_modulus_bits}-bit batching prime exists for N={poly_modulus_degree}: {exc}") from None
+            reason = f"no {plain_modulus_bits}-bit batching prime exists for N={poly_modulus_degree}: {exc}"
+            raise UserError(reason) from None
         params = cls(poly_modulus_degree, tuple(int(b) for b in coeff_mod_bit_sizes), t, scale_bits)
         params.validate()
         return params

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Context, Message
 from ..config import RunConfig
 from ..crypto.codec import decrypt_envelope, encrypt_update, layout_of
 from ..crypto.envelope import HEADER_KEY, EnvelopeError, is_encrypted, load_envelope, save_envelope
-from ..crypto.keys import SECRET_FILE, SERVER_FILE, HEKey, load_client_key, make_keys, write_server_key
+from ..crypto.keys import SERVER_FILE, HEKey, load_client_key, make_keys, write_server_key
 from ..errors import UserError
 from ..run_dir import RunDir
 from ..strategies.encrypted import NORMALISER
@@ -36,8 +36,13 @@ KEYS_DIR = "keys"
 _last_decrypted: dict[bytes, dict[str, torch.Tensor]] = {}
 
 
-def received_state(msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
-    """The global model's state_dict from a train/evaluate message, decrypting it when encrypted."""
+def received_state(
+    msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module
+) -> Mapping[str, torch.Tensor]:
+    """The global model's state_dict from a train/evaluate message, decrypting it when encrypted.
+
+    ``model`` (a fresh instance of the task's model) tells which layout to expect.
+    """
     arrays = msg.content[ARRAYS]
     if not is_encrypted(arrays):
         return arrays.to_torch_state_dict()  # round 1: the initial model travels in plaintext
@@ -54,9 +59,11 @@ def received_state(msg: Message, context: Context, runtime: Runtime, model: torc
 
 
 def plaintext_global(msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module) -> ArrayRecord:
-    """The received global model as plaintext arrays (decrypted under ``--he``; the decryption is cached)."""
+    """The received global model as plaintext arrays (under ``--he`` from the cached decryption)."""
     arrays = msg.content[ARRAYS]
-    return arrays if not is_encrypted(arrays) else ArrayRecord(dict(received_state(msg, context, runtime, model)))
+    if not is_encrypted(arrays):
+        return arrays
+    return ArrayRecord(dict(received_state(msg, context, runtime, model)))
 
 
 def reply_arrays(
@@ -107,7 +114,9 @@ def save_encrypted_model(run_dir: RunDir, arrays: ArrayRecord) -> Path:
     return save_envelope(run_dir.path / ENCRYPTED_MODEL_FILE, arrays)
 
 
-def decrypt_model_file(path: str | Path, key_path: str | Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+def decrypt_model_file(
+    path: str | Path, key_path: str | Path, model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
     """Decrypt a ``model.he`` with a client's ``secret.ctx`` (checked against ``model`` if given)."""
     key = load_client_key(key_path)
     try:
@@ -129,7 +138,6 @@ def write_decrypted_model(run_dir: RunDir, config: RunConfig, model: torch.nn.Mo
 __all__ = [
     "ENCRYPTED_MODEL_FILE",
     "NORMALISER",
-    "SECRET_FILE",
     "client_key",
     "decrypt_model_file",
     "is_encrypted",

@@ -33,12 +33,12 @@ from ..crypto.keys import HEKey, load_server_key
 from ..errors import ConfigError, RunFailed, UserError
 from ..proto import update_pb2 as pb
 from ..proximal import PROXIMAL_MU_KEY
+from .registry import sampling_options
 
 log = logging.getLogger("fedweights.he")
 
 NORMALISER = "he-normaliser"  # train-config key (the ClientApp reads it)
 COUNT_QUERY = "fedweights.count"  # query-config key asking a node for its number of training examples
-NUM_EXAMPLES = "num-examples"
 
 
 class EncryptedFedAvg(FedAvg):
@@ -50,6 +50,8 @@ class EncryptedFedAvg(FedAvg):
         The coordinator's context (``server.ctx``); one holding a secret key is refused.
     query_timeout : float
         Seconds to wait for nodes to report their example counts.
+    train_config : dict, optional
+        Extra entries for every train config (FedProx's ``proximal-mu``).
     **fedavg_kwargs
         Sampling settings passed to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, …).
     """
@@ -60,7 +62,7 @@ class EncryptedFedAvg(FedAvg):
         self, key: HEKey, query_timeout: float = 600.0, train_config: dict | None = None, **fedavg_kwargs
     ) -> None:
         if key.is_secret:
-            raise UserError("the encrypted strategy was given a secret context; the coordinator must only hold server.ctx")
+            raise UserError("the encrypted strategy got a secret context; the coordinator must only hold server.ctx")
         super().__init__(**fedavg_kwargs)
         self.key = key
         self.query_timeout = query_timeout
@@ -70,6 +72,7 @@ class EncryptedFedAvg(FedAvg):
         self.rejected: dict[int, list[dict[str, str]]] = {}  # round → refused nodes/updates, with reasons
         self._expect: RoundExpectation | None = None
         self._planned: dict[int, int] = {}  # node id → count this round's normaliser assumes
+        self._round = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -157,17 +160,15 @@ class EncryptedFedAvg(FedAvg):
     def _query_counts(self, grid: Grid, node_ids: list[int]) -> None:
         if not node_ids:
             return
-        messages = [
-            Message(RecordDict({self.configrecord_key: ConfigRecord({COUNT_QUERY: 1})}), message_type=MessageType.QUERY, dst_node_id=n)
-            for n in node_ids
-        ]
+        question = RecordDict({self.configrecord_key: ConfigRecord({COUNT_QUERY: 1})})
+        messages = [Message(question, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
         answered = set()
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
             count = None
             if not reply.has_error() and "metrics" in reply.content.metric_records:
-                count = reply.content.metric_records["metrics"].get(NUM_EXAMPLES)
+                count = reply.content.metric_records["metrics"].get(self.weighted_by_key)
             if isinstance(count, int) and count >= 1:
                 self.counts[node] = count
             else:
@@ -193,19 +194,14 @@ def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
             "server computes beyond a weighted sum (momentum, adaptive steps) would need the plaintext model",
         )
     if config.strategy.max_norm is not None:
-        raise ConfigError("strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he")
+        raise ConfigError(
+            "strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he"
+        )
     if not config.he.server_key:
         raise ConfigError(
-            "he.server_key", "is not set: the coordinator needs server.ctx (`fedweights server --he-server-key DIR/server.ctx`)"
+            "he.server_key",
+            "is not set: the coordinator needs server.ctx (`fedweights server --he-server-key DIR/server.ctx`)",
         )
     extra = {PROXIMAL_MU_KEY: config.strategy.proximal_mu} if config.strategy.name == "fedprox" else {}
-    return EncryptedFedAvg(
-        load_server_key(config.he.server_key),
-        query_timeout=config.round_timeout,
-        train_config=extra,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_replies,
-        min_evaluate_nodes=config.min_replies,
-        min_available_nodes=config.wait_for_clients,
-    )
+    key = load_server_key(config.he.server_key)
+    return EncryptedFedAvg(key, query_timeout=config.round_timeout, train_config=extra, **sampling_options(config))
