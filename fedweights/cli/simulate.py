@@ -30,6 +30,12 @@ def simulate_command(
     task: Optional[str] = typer.Option(None, help="Your own task: 'package.module:function' returning fedweights.Task."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<timestamp>)."),
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Record-level DP-SGD on clients."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="DP: noise multiplier σ (default 1.0)."),
+    target_epsilon: Optional[float] = typer.Option(None, help="DP: calibrate σ so the whole run spends this ε."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="DP: per-example clipping norm C (default 1.0)."),
+    delta: Optional[float] = typer.Option(None, help="DP: δ (default: 1/n_k² rounded down to 10^-k, at most 1e-5)."),
+    accountant: Optional[str] = typer.Option(None, help="DP: pld (tight, default) | rdp."),
+    max_epsilon: Optional[float] = typer.Option(None, help="DP: per-client budget; a client stops before exceeding it."),
     he: Optional[bool] = typer.Option(None, "--he/--no-he", help="Homomorphically encrypted aggregation."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
@@ -50,9 +56,19 @@ def simulate_command(
             "task": task,
             "out": str(out) if out else None,
             "dp.enabled": dp,
+            "dp.noise_multiplier": noise_multiplier,
+            "dp.target_epsilon": target_epsilon,
+            "dp.max_grad_norm": max_grad_norm,
+            "dp.delta": delta,
+            "dp.accountant": accountant,
+            "dp.max_epsilon": max_epsilon,
             "he.enabled": he,
         }
     )
     run_config = load_config(config, overrides)
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
+    if run_config.dp.enabled:
+        from ..privacy.report import print_privacy_report
+
+        print_privacy_report(result.run_dir, console)
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")

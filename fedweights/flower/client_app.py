@@ -47,6 +47,10 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     data = _client_data(runtime, pid, num)
     device = select_device(config.device)
     model = _model_from(msg, runtime)
+    if config.dp.enabled:  # Opacus DP-SGD, accountant and budget: fedweights.privacy.client
+        from ..privacy.client import private_train_reply
+
+        return private_train_reply(msg, context, runtime, model, data.train, device)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round * 1_009 + pid)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, config.lr, config.momentum)
