@@ -10,6 +10,7 @@ import typer
 
 from ..errors import UserError
 from ..privacy.accounting import calibrate_noise, check_accountant, check_delta, check_entry, epsilon, steps_for_epochs
+from ..privacy.ledger import format_epsilon
 from .app import console, privacy_app
 
 
@@ -56,7 +57,7 @@ def plan_command(
         shown = _round_up(noise_multiplier)  # a copied value must still meet the target
         console.print(f"smallest noise multiplier for epsilon <= {target_epsilon:g}: [bold]{shown:.6g}[/bold]")
     console.print(
-        f"epsilon = [bold]{spent:.6g}[/bold] at delta = {delta:g} ({accountant}) for {total_steps} steps "
+        f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({accountant}) for {total_steps} steps "
         f"at sample rate {sample_rate:.6g} with noise multiplier {noise_multiplier:.6g}"
     )
 

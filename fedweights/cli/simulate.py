@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..config import load_config
+from ..errors import UserError
 from ..flower.simulation import simulate
 from ..progress import RichReporter
 from .app import app, console, given
@@ -66,9 +67,13 @@ def simulate_command(
         }
     )
     run_config = load_config(config, overrides)
+    dp_options = [k for k in overrides if k.startswith("dp.") and k != "dp.enabled"]
+    if dp_options and not run_config.dp.enabled:
+        names = ", ".join("--" + k.removeprefix("dp.").replace("_", "-") for k in dp_options)
+        raise UserError(f"{names} only apply to DP runs: add --dp (or dp.enabled = true in the config)")
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
-    if run_config.dp.enabled:
+    console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
+    if run_config.dp.enabled:  # end with the privacy table and where report.html is
         from ..privacy.report import print_privacy_report
 
         print_privacy_report(result.run_dir, console)
-    console.print(f"Run directory: [bold]{result.run_dir}[/bold]")

@@ -97,6 +97,16 @@ def as_epsilon(value: float | str | None) -> float:
     return math.inf if value == "inf" else float(value or 0.0)
 
 
+def format_epsilon(value: float | str | None, decimals: int = 3) -> str:
+    """ε for people, rounded UP to ``decimals`` places so a shown ε is never below the true one."""
+    if value is None:
+        return "—"
+    eps = as_epsilon(value)
+    if not math.isfinite(eps):
+        return "∞"
+    return f"{math.ceil(eps * 10**decimals) / 10**decimals:.{decimals}f}"
+
+
 def _sha256(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 

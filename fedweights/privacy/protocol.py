@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord
 
 from .accounting import Entry
+from .ledger import format_epsilon
 
 PRIVACY = "privacy"  # RecordDict key of the ConfigRecord holding a ClientSpend
 BUDGET_EXHAUSTED = 4030  # Flower Error code: the client's privacy budget does not allow another round
@@ -58,8 +59,8 @@ class ClientSpend:
 def exhausted_reason(client_id: str, spent: float, next_epsilon: float, budget: float, delta: float) -> str:
     """The error reason of a client that refuses to train because of its budget."""
     return (
-        f"privacy budget exhausted: client {client_id} has spent epsilon={spent:.6g} (delta={delta:g}); "
-        f"one more round would reach epsilon={next_epsilon:.6g} > max_epsilon={budget:g}. "
+        f"privacy budget exhausted: client {client_id} has spent epsilon={format_epsilon(spent, 6)} (delta={delta:g}); "
+        f"one more round would reach epsilon={format_epsilon(next_epsilon, 6)} > max_epsilon={budget:g}. "
         "It no longer trains in this run."
     )
 

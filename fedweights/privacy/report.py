@@ -38,7 +38,7 @@ from rich.table import Table
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..run_dir import METRICS_FILE
-from .ledger import LEDGER_FILE, Ledger, as_epsilon
+from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
 
 PRIVACY_FILE = "privacy.json"
 REPORT_FILE = "report.html"
@@ -98,10 +98,10 @@ def guarantee_text(summary: dict[str, Any]) -> str:
             "so their records must be treated as unprotected."
         )
     return (
-        f"Record-level differential privacy, (ε, δ) = ({eps:.3g}, {summary['delta']:g}) or better for every client. "
+        f"Record-level differential privacy, (ε, δ) = ({format_epsilon(eps)}, {summary['delta']:g}) or better for every client. "
         "For any single training record (one example) of a client, everything derived from that client's "
         "updates (the global models, this report, anything an attacker at the coordinator saw) is almost "
-        f"equally likely whether or not the record was used: no outcome becomes more than e^ε ≈ {math.exp(eps):.3g} "
+        f"equally likely whether or not the record was used: no outcome becomes more than e^ε ≤ {math.ceil(math.exp(eps) * 10) / 10:g} "
         f"times likelier, except with probability at most δ = {summary['delta']:g}. It protects individual "
         "records, not a client's data as a whole: patterns shared by many records (and a client's data "
         "distribution) can still be learned. ε was accounted with "
@@ -122,26 +122,19 @@ def write_reports(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def privacy_table(summary: dict[str, Any]) -> Table:
-    """A rich table with one row per client."""
+    """A rich table with one row per client (a budget column only when there is a budget)."""
     table = Table(title=f"Privacy spent per client (record-level DP, {summary['accountant']} accountant)")
-    for column in ("client", "ε", "δ", "σ", "q", "steps", "rounds", "n", "budget", "status"):
-        table.add_column(column, justify="left" if column == "status" else "right")
+    with_budget = any(c["budget"] is not None for c in summary["clients"].values())
+    columns = ["client", "ε", "δ", "σ", "q", "steps", "rounds", "n", *(["budget"] if with_budget else []), "status"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "status" else "right", min_width=len(column))
     for client, c in summary["clients"].items():
         status = "unprotected" if c["unaccounted"] else (
             f"budget reached r{c['exhausted_round']}" if c["exhausted"] else "ok"
         )
-        table.add_row(
-            client,
-            _fmt(c["epsilon"], ".3f"),
-            _fmt(c["delta"], ".0e"),
-            _fmt(c["noise_multiplier"], ".3g"),
-            _fmt(c["sample_rate"], ".3g"),
-            str(c["steps"]),
-            str(c["rounds_participated"]),
-            _fmt(c["n_examples"], "d"),
-            _fmt(c["budget"], "g"),
-            status,
-        )
+        cells = [client, format_epsilon(c["epsilon"]), _fmt(c["delta"], ".0e"), _fmt(c["noise_multiplier"], ".3g"),
+                 _fmt(c["sample_rate"], ".3g"), str(c["steps"]), str(c["rounds_participated"]), _fmt(c["n_examples"], "d")]
+        table.add_row(*cells, *([_fmt(c["budget"], "g")] if with_budget else []), status)
     return table
 
 
@@ -153,7 +146,7 @@ def print_privacy_report(run_dir: str | Path, console: Console | None = None) ->
     console.print(privacy_table(summary))
     if summary.get("stopped_early"):
         console.print(f"[yellow]stopped early[/yellow]: {summary['stopped_early']}")
-    console.print(f"max epsilon {_fmt(summary['epsilon_max'], '.4f')} at delta {_fmt(summary['delta'], 'g')}")
+    console.print(f"max epsilon {format_epsilon(summary['epsilon_max'], 4)} at delta {_fmt(summary['delta'], 'g')}")
     console.print(f"Privacy report: [bold]{html_path.resolve()}[/bold] (data: {json_path.resolve()})")
     return json_path, html_path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run_dir import METRICS_FILE
-from .ledger import as_epsilon
+from .ledger import as_epsilon, format_epsilon
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -42,7 +42,7 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
         f"<title>fedweights privacy report {esc(str(summary.get('run_id') or ''))}</title><style>{_CSS}</style></head><body>",
         f"<h1>Privacy report — run {esc(str(summary.get('run_id') or '?'))}</h1>",
         f"<p>Status: <b>{esc(str(summary['status']))}</b>. Largest ε over clients: "
-        f"<b>{_fmt(summary['epsilon_max'])}</b> at δ = <b>{_fmt(summary['delta'])}</b> "
+        f"<b>{format_epsilon(summary['epsilon_max'])}</b> at δ = <b>{_fmt(summary['delta'])}</b> "
         f"({esc(summary['accountant'])} accountant).</p>",
         "<h2>What this guarantees</h2>",
         f"<p class='guarantee'>{esc(summary['guarantee'])}</p>",
@@ -72,7 +72,7 @@ def _clients_table(summary: dict[str, Any]) -> str:
         status = "unprotected" if c["unaccounted"] else (
             f"budget reached (round {c['exhausted_round']})" if c["exhausted"] else "ok"
         )
-        rows.append([client, _fmt(c["epsilon"]), _fmt(c["delta"]), _fmt(c["noise_multiplier"]), _fmt(c["max_grad_norm"]),
+        rows.append([client, format_epsilon(c["epsilon"]), _fmt(c["delta"]), _fmt(c["noise_multiplier"]), _fmt(c["max_grad_norm"]),
                      _fmt(c["sample_rate"]), c["steps"], c["rounds_participated"], _fmt(c["n_examples"]),
                      _fmt(c["batch_size"]), _fmt(c["budget"]), _fmt(c["grad_sample_mode"]), status])
     return _table(header, rows)
