@@ -34,6 +34,7 @@ from fedweights.privacy.protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend
 from .conftest import REPO
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Secure RNG turned off")
 
 
 def loud_data(n: int = 64) -> TensorDataset:

@@ -110,14 +110,18 @@ def guarantee_text(summary: dict[str, Any]) -> str:
     )
 
 
+def write_privacy_json(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Write privacy.json into ``run_dir``; return its path and content."""
+    summary = summarize(run_dir)
+    return atomic_write_json(Path(run_dir) / PRIVACY_FILE, summary), summary
+
+
 def write_reports(run_dir: str | Path) -> tuple[Path, Path]:
     """Write privacy.json and report.html into ``run_dir``; return their paths."""
     from .report_html import render_html
 
-    run_dir = Path(run_dir)
-    summary = summarize(run_dir)
-    json_path = atomic_write_json(run_dir / PRIVACY_FILE, summary)
-    html_path = atomic_write_bytes(run_dir / REPORT_FILE, render_html(summary, run_dir).encode())
+    json_path, summary = write_privacy_json(run_dir)
+    html_path = atomic_write_bytes(Path(run_dir) / REPORT_FILE, render_html(summary, Path(run_dir)).encode())
     return json_path, html_path
 
 

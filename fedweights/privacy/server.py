@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, Message
 
 from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
-from ..run_dir import RunDir
+from ..run_dir import RoundRecord, RunDir
 from .accounting import Entry, covering_history, epsilon
 from .ledger import LEDGER_FILE, Ledger, as_epsilon
-from .report import PRIVACY_FILE, REPORT_FILE
 from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, parse_exhausted_reason
+from .report import PRIVACY_FILE, REPORT_FILE, write_privacy_json, write_reports
 
 
 def archive_other_run(run_dir: Path, run_id: str) -> Path | None:
@@ -54,6 +54,7 @@ class PrivacyHooks(RoundHooks):
 
     def __init__(self, runtime: Runtime, run_dir: RunDir) -> None:
         self.config = runtime.config
+        self.run_path = run_dir.path
         self.run_id = str(run_dir.read_metrics().get("run_id", ""))
         archive_other_run(run_dir.path, self.run_id)
         self.ledger = Ledger(run_dir.path)
@@ -79,10 +80,12 @@ class PrivacyHooks(RoundHooks):
                 f"only {usable} usable update(s) remain, {needed} needed"
             )
 
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        """Keep privacy.json current after every round (e.g. for a model published each round)."""
+        write_privacy_json(self.run_path)
+
     def on_run_end(self, run_dir: RunDir, arrays: ArrayRecord) -> None:
         """Write privacy.json and report.html."""
-        from .report import write_reports
-
         write_reports(run_dir.path)
 
     # ------------------------------------------------------------------ records
