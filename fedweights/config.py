@@ -72,6 +72,129 @@ class HEConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Publish the run's global models to a weight registry (see ``fedweights registry serve``)."""
+
+    registry: str | None = None  # HOST:PORT; publishing is on when set
+    name: str | None = None  # model name in the registry
+    every_round: bool = False  # also publish each round's model, not only the final one
+    tags: str | None = None  # comma-separated tags for the final model
+    token_file: str | None = None  # registry token (default: $FEDWEIGHTS_REGISTRY_TOKEN_FILE)
+    tls_dir: str | None = None  # ca.crt (+ client.pem/client.key) to reach a TLS registry
+
+    def validate(self) -> None:
+        """Publishing needs an address and a valid name; its other keys need publishing on."""
+        if self.registry is None:
+            for key in ("name", "tags", "token_file", "tls_dir"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"publish.{key}", "needs publish.registry (the registry's HOST:PORT)")
+            if self.every_round:
+                raise ConfigError("publish.every_round", "needs publish.registry (the registry's HOST:PORT)")
+            return
+        host, _, port = self.registry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("publish.registry", f"must look like HOST:PORT, got {self.registry!r}")
+        if not self.name:
+            raise ConfigError("publish.name", "is required when publishing (the model name in the registry)")
+        from .registry.manifest import check_name, check_tag
+
+        for key, check, values in (("publish.name", check_name, [self.name]), ("publish.tags", check_tag, self.tag_list)):
+            for value in values:
+                try:
+                    check(value)
+                except UserError as exc:
+                    raise ConfigError(key, f"is not valid: {exc}") from None
+
+    @property
+    def tag_list(self) -> list[str]:
+        """``tags`` split at commas."""
+        return [t.strip() for t in (self.tags or "").split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the server aggregates: a built-in strategy (``fedweights.strategies.BUILTINS``) or ``module:Class``."""
+
+    name: str = "fedavg"
+    server_lr: float | None = None  # fedavgm: server learning rate (1.0); fedadam: eta (0.01)
+    server_momentum: float = 0.9  # fedavgm
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term on the clients
+    trim_fraction: float = 0.2  # trimmed-mean: share cut from each tail, per coordinate
+    byzantine: int = 0  # krum / multi-krum: malicious clients to tolerate (f)
+    krum_select: int | None = None  # multi-krum: updates to average (default: replies - byzantine)
+    max_norm: float | None = None  # update validation: largest accepted L2 norm of an update
+
+    def validate(self, clients: int) -> None:
+        """Check the ranges of the strategy settings (the name is checked when the strategy is built)."""
+        if not self.name:
+            raise ConfigError("strategy.name", "must name a built-in strategy or 'package.module:Class'")
+        _positive("strategy.server_lr", self.server_lr)
+        _positive("strategy.proximal_mu", self.proximal_mu)
+        _positive("strategy.max_norm", self.max_norm)
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError("strategy.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("strategy.trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        if not 0 <= self.byzantine < clients:
+            raise ConfigError("strategy.byzantine", f"must be in 0..clients-1={clients - 1}, got {self.byzantine}")
+        if self.krum_select is not None and not 1 <= self.krum_select <= clients:
+            raise ConfigError("strategy.krum_select", f"must be in 1..clients={clients}, got {self.krum_select}")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Simulated misbehaving clients for evaluating defences: partitions 0..malicious-1 attack."""
+
+    malicious: int = 0
+    kind: Literal["sign-flip", "scale", "gaussian", "label-flip"] = "sign-flip"
+    scale: float = 10.0  # sign-flip/scale: update multiplier; gaussian: noise std per coordinate
+
+    def validate(self, clients: int) -> None:
+        """At most every client may attack; the scale must be positive."""
+        if not 0 <= self.malicious <= clients:
+            raise ConfigError("attack.malicious", f"must be between 0 and clients={clients}, got {self.malicious}")
+        _positive("attack.scale", self.scale)
+
+
+@dataclass(frozen=True)
+class UserDPConfig:
+    """User-level DP-FedAvg (McMahan et al. 2018) on the server: Poisson-sample clients, clip each
+    update to ``clipping_norm``, add Gaussian noise of std ``noise_multiplier * clipping_norm`` to the sum."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = None  # z (default 1.0 unless target_epsilon is given)
+    target_epsilon: float | None = None  # derive z so that the whole run spends this epsilon
+    clipping_norm: float = 1.0  # S
+    clients_per_round: int | None = None  # m: expected clients per round, q = m / clients (default: all)
+    delta: float = 1e-5
+
+    def validate(self, clients: int, strategy: str) -> None:
+        """Check ranges; DP-FedAvg's noise is calibrated for the FedAvg sum only."""
+        _positive("user_dp.noise_multiplier", self.noise_multiplier)
+        _positive("user_dp.target_epsilon", self.target_epsilon)
+        _positive("user_dp.clipping_norm", self.clipping_norm)
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError(
+                "user_dp.target_epsilon", "and user_dp.noise_multiplier are exclusive: give one (the other is derived)"
+            )
+        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= clients:
+            raise ConfigError(
+                "user_dp.clients_per_round", f"must be between 1 and clients={clients}, got {self.clients_per_round}"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError("user_dp.delta", f"must be in (0, 1), got {self.delta}")
+        if self.enabled and not self.delta < 1 / clients:
+            raise ConfigError(
+                "user_dp.delta", f"must be below 1/clients={1 / clients:g} for a meaningful guarantee, got {self.delta}"
+            )
+        if self.enabled and strategy != "fedavg":
+            raise ConfigError(
+                "strategy.name",
+                f"is {strategy!r}, but user_dp needs 'fedavg': its noise is calibrated for the clipped FedAvg sum",
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a federated run needs; every field is a TOML key and a CLI option."""
 
@@ -95,6 +218,10 @@ class RunConfig:
     round_timeout: float = 600.0
     dp: DPConfig = field(default_factory=DPConfig)
     he: HEConfig = field(default_factory=HEConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    user_dp: UserDPConfig = field(default_factory=UserDPConfig)
 
     def validate(self) -> None:
         """Check ranges and cross-field rules; raise ConfigError naming the key."""
@@ -117,6 +244,16 @@ class RunConfig:
             raise ConfigError("task", f"must look like 'package.module:function', got {self.task!r}")
         self.dp.validate()
         self.he.validate()
+        self.publish.validate()
+        if self.publish.registry and self.he.enabled:
+            raise ConfigError(
+                "publish.registry",
+                "cannot be used with he.enabled: under HE the coordinator never holds the plaintext model; "
+                "a client publishes it after decryption with `fedweights weights push` (README: Weight registry)",
+            )
+        self.strategy.validate(self.clients)
+        self.attack.validate(self.clients)
+        self.user_dp.validate(self.clients, self.strategy.name)
 
     @property
     def wait_for_clients(self) -> int:

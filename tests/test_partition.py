@@ -7,6 +7,7 @@ import pytest
 
 from fedweights.config import RunConfig
 from fedweights.data import dirichlet_partition, iid_partition, labels_of, load_digits_split
+from fedweights.data.datasets import FASHION_MNIST_DIR
 from fedweights.errors import ConfigError
 from fedweights.task import builtin_task
 
@@ -81,3 +82,24 @@ def test_task_client_data_shards_train_and_test():
     assert sum(len(s.test) for s in shares) == len(task.test_data)
     test_ids = [set(s.test.indices) for s in shares]
     assert not (test_ids[0] & test_ids[1]) and not (test_ids[1] & test_ids[2])
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_fashion_mnist_reads_debian_idx_files():
+    from fedweights.data import load_fashion_mnist
+
+    train, test = load_fashion_mnist()
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.tensors[0].shape[1] == 784 and float(train.tensors[0].max()) <= 1.0
+    assert sorted(np.unique(labels_of(test)).tolist()) == list(range(10))
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    from fedweights.data import load_fashion_mnist
+    from fedweights.errors import UserError
+
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from fedweights.config import DPConfig, RunConfig
 from fedweights.flower.runtime import NODE_STATE_DIR, PARTITION_ID, Runtime
 from fedweights.privacy.accounting import epsilon
-from fedweights.privacy.client import private_train_reply
+from fedweights.privacy.client import PrivateOutcome, train_privately
 from fedweights.privacy.dp_sgd import (
     DPModelFixWarning,
     RoundPlan,
@@ -79,6 +79,14 @@ def test_clipping_bounds_the_update_in_ghost_and_hooks_mode(model_fn):
     assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in plain.parameters())) > 20 * clip
 
 
+def test_fedprox_proximal_step_runs_after_each_dp_step():
+    """lr·mu = 1 pulls the weights all the way back to the global model after every step."""
+    plan = RoundPlan(1.0, 0.25, 4, 1.0, 16, 1, 64)
+    result = train_private_round(mlp(), loud_data(), plan, [], CPU, lr=1.0, momentum=0.0, proximal_mu=1.0)
+    assert update_norm(mlp(), result.state_dict) < 1e-5
+    assert update_norm(mlp(), train_private_round(mlp(), loud_data(), plan, [], CPU, lr=1.0, momentum=0.0).state_dict) > 0.1
+
+
 def test_batchnorm_model_is_fixed_with_a_visible_warning_and_trains():
     model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
     with pytest.warns(DPModelFixWarning, match="BatchNorm"):
@@ -106,10 +114,8 @@ def train_message(server_round: int) -> Message:
     return make_message(metadata, content=content)
 
 
-def client_round(config: RunConfig, context: Context, server_round: int, data: TensorDataset) -> Message:
-    model = mlp()
-    model.load_state_dict(train_message(server_round).content["arrays"].to_torch_state_dict())
-    return private_train_reply(train_message(server_round), context, Runtime(config), model, data, CPU)
+def client_round(config: RunConfig, context: Context, server_round: int, data: TensorDataset) -> PrivateOutcome | Message:
+    return train_privately(train_message(server_round), context, Runtime(config), mlp(), data, CPU)
 
 
 def node_context(node_config: dict) -> Context:
@@ -120,8 +126,8 @@ def test_accountant_survives_rounds_in_context_state_and_restarts_in_a_state_dir
     data, config = loud_data(64), dp_config()  # 64 examples, batch 16: q = 1/4, 4 steps a round
     context = node_context({})  # simulation: Flower keeps context.state per node across rounds
     for server_round in (1, 2):
-        reply = client_round(config, context, server_round, data)
-    spend = ClientSpend.from_record(reply.content[PRIVACY])
+        outcome = client_round(config, context, server_round, data)
+    spend = ClientSpend.from_record(outcome.records[PRIVACY])
     assert spend.client_id == "3" and spend.steps == 4 and spend.history == [(1.0, 0.25, 8)]
     assert spend.epsilon == epsilon([(1.0, 0.25, 8)], 1e-5)
 
@@ -133,8 +139,8 @@ def test_accountant_survives_rounds_in_context_state_and_restarts_in_a_state_dir
         "import sys; sys.path.insert(0, 'tests');"
         "from tests.test_privacy_dp_sgd import client_round, dp_config, loud_data, node_context;"
         "from fedweights.privacy.protocol import PRIVACY, ClientSpend;"
-        f"reply = client_round(dp_config(), node_context({{'state-dir': {str(state_dir)!r}}}), 2, loud_data(64));"
-        "print(ClientSpend.from_record(reply.content[PRIVACY]).history)"
+        f"outcome = client_round(dp_config(), node_context({{'state-dir': {str(state_dir)!r}}}), 2, loud_data(64));"
+        "print(ClientSpend.from_record(outcome.records[PRIVACY]).history)"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -148,10 +154,10 @@ def test_client_refuses_a_round_that_would_exceed_its_budget():
     two_rounds = epsilon([(1.0, 0.25, 8)], 1e-5)
     config = dp_config(max_epsilon=(one_round + two_rounds) / 2)
     context = node_context({})
-    assert not client_round(config, context, 1, data).has_error()
+    assert isinstance(client_round(config, context, 1, data), PrivateOutcome)
     state_before = context.state["fedweights.dp-accountant"]["json"]
     reply = client_round(config, context, 2, data)
-    assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
+    assert isinstance(reply, Message) and reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
     assert reply.error.reason.startswith("privacy budget exhausted: client 3 has spent epsilon=")
     assert context.state["fedweights.dp-accountant"]["json"] == state_before  # it did not train
 

@@ -38,6 +38,21 @@ def simulate_command(
     accountant: Optional[str] = typer.Option(None, help="DP: pld (tight, default) | rdp."),
     max_epsilon: Optional[float] = typer.Option(None, help="DP: per-client budget; a client stops before exceeding it."),
     he: Optional[bool] = typer.Option(None, "--he/--no-he", help="Homomorphically encrypted aggregation."),
+    publish: Optional[str] = typer.Option(None, "--publish", help="Weight registry HOST:PORT: publish the final global model there."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the registry (with --publish)."),
+    publish_every_round: Optional[bool] = typer.Option(None, "--publish-every-round", help="Also publish each round's model."),
+    strategy: Optional[str] = typer.Option(
+        None, help="Aggregation: fedavg | fedavgm | fedprox | fedadam | median | trimmed-mean | krum | multi-krum, "
+        "or your own 'package.module:Class' (default: fedavg).",
+    ),
+    max_norm: Optional[float] = typer.Option(None, help="Reject updates whose L2 norm exceeds this (default: no bound)."),
+    malicious: Optional[int] = typer.Option(None, help="Simulated attackers: partitions 0..K-1 misbehave (default: 0)."),
+    attack: Optional[str] = typer.Option(None, help="sign-flip | scale | gaussian | label-flip (default: sign-flip)."),
+    attack_scale: Optional[float] = typer.Option(None, help="Attack strength: update multiplier or noise std (default: 10)."),
+    user_dp: Optional[bool] = typer.Option(None, "--user-dp/--no-user-dp", help="User-level DP-FedAvg on the server."),
+    clients_per_round: Optional[int] = typer.Option(None, help="user-dp: expected clients per round m, q = m/clients."),
+    user_noise_multiplier: Optional[float] = typer.Option(None, help="user-dp: noise multiplier z (default: 1.0)."),
+    user_clipping_norm: Optional[float] = typer.Option(None, help="user-dp: clipping norm S of an update (default: 1.0)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
     """Run a federation in-process (Flower simulation engine, Ray backend)."""
@@ -64,6 +79,18 @@ def simulate_command(
             "dp.accountant": accountant,
             "dp.max_epsilon": max_epsilon,
             "he.enabled": he,
+            "publish.registry": publish,
+            "publish.name": name,
+            "publish.every_round": publish_every_round,
+            "strategy.name": strategy,
+            "strategy.max_norm": max_norm,
+            "attack.malicious": malicious,
+            "attack.kind": attack,
+            "attack.scale": attack_scale,
+            "user_dp.enabled": user_dp,
+            "user_dp.clients_per_round": clients_per_round,
+            "user_dp.noise_multiplier": user_noise_multiplier,
+            "user_dp.clipping_norm": user_clipping_norm,
         }
     )
     run_config = load_config(config, overrides)

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from ..errors import RunFailed
 from ..progress import RichReporter
 from ..run_dir import RoundRecord, RunDir, default_run_dir
-from ..strategies import build_strategy
+from ..strategies import build_strategy, rejected_updates
 from .runtime import Runtime
 
 
@@ -52,6 +52,14 @@ def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
         from ..privacy.server import PrivacyHooks
 
         hooks.append(PrivacyHooks(runtime, run_dir))
+    if runtime.config.user_dp.enabled:
+        from ..privacy.user_level_report import UserLevelPrivacyFile  # imports RoundHooks from here
+
+        hooks.append(UserLevelPrivacyFile(runtime.config, run_dir))
+    if runtime.config.publish.registry:  # keep last: it copies the privacy report the hooks above write
+        from ..registry.publish import RegistryPublisher
+
+        hooks.append(RegistryPublisher(runtime.config, run_dir))
     return hooks
 
 
@@ -132,16 +140,23 @@ def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: Ar
     for hook in hooks:
         hook.on_train_replies(server_round, replies)
     usable = [r for r in replies if not r.has_error()]
-    needed = max(1, min(config.min_replies, len(sent)))
-    if len(usable) < needed:
-        raise RunFailed(
-            f"round {server_round} got {len(usable)} usable update(s) of {len(sent)} sent; "
-            f"at least {needed} needed. Failures: {_summarise(failures)}"
-        )
+    needed = min(config.min_replies, len(sent))  # 0 when nobody was sampled (Poisson sampling may do that)
+    _require_updates(server_round, len(usable), len(sent), needed, failures)
     new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    rejected = rejected_updates(strategy, server_round)  # replies update validation excluded
+    failures += rejected
+    _require_updates(server_round, len(usable) - len(rejected), len(sent), needed, failures)
     if new_arrays is None:
         raise RunFailed(f"round {server_round}: the strategy produced no model. Failures: {_summarise(failures)}")
-    return new_arrays, metrics, failures, len(usable)
+    return new_arrays, metrics, failures, len(usable) - len(rejected)
+
+
+def _require_updates(server_round: int, usable: int, sent: int, needed: int, failures: list[dict[str, str]]) -> None:
+    if usable < needed:
+        raise RunFailed(
+            f"round {server_round} got {usable} usable update(s) of {sent} sent; "
+            f"at least {needed} needed. Failures: {_summarise(failures)}"
+        )
 
 
 def _evaluate_round(grid, strategy, timeout: float, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

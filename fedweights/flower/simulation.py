@@ -11,7 +11,9 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import RunFailed, UserError
 from ..progress import RichReporter
+from ..registry.publish import preflight as publish_preflight
 from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..strategies import build_strategy
 from ..task import Task, save_task
 from ..training import select_device
 from .client_app import build_client_app
@@ -36,6 +38,7 @@ def simulate(
     """
     config.validate()
     _refuse_unavailable(config)
+    publish_preflight(config)  # registry reachable and accepting our writes, before any process starts
     out = Path(config.out) if config.out else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, out=str(out.resolve()))
@@ -43,6 +46,7 @@ def simulate(
     task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
+    build_strategy(config)  # fail fast on an unknown or unloadable strategy
     if config.dp.enabled:  # unreachable target ε, budget below one round: refuse before Ray starts
         from ..privacy.plan import check_dp_run
 

@@ -9,15 +9,15 @@ under the node's ``state-dir`` (deployment; written atomically) or else in Flowe
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_write_json
-from ..flower.client_app import ARRAYS, METRICS, NUM_EXAMPLES
 from ..flower.runtime import NODE_STATE_DIR, PARTITION_ID, Runtime
 from .accounting import epsilon
 from .dp_sgd import RoundPlan, train_private_round
@@ -99,11 +99,26 @@ def accountant_store(context: Context) -> ContextStateStore | FileStateStore:
     return ContextStateStore(context)
 
 
-def private_train_reply(
-    msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module, data: Dataset, device: torch.device
-) -> Message:
-    """Train ``model`` on ``data`` with DP-SGD and reply with weights, metrics and the spend;
-    or reply with a BUDGET_EXHAUSTED error, without training, when the budget forbids the round."""
+@dataclass
+class PrivateOutcome:
+    """A private round's trained weights, loss, and the records to add to the reply."""
+
+    state_dict: dict[str, torch.Tensor]
+    train_loss: float
+    records: dict[str, ConfigRecord]  # {PRIVACY: the client's spend}
+
+
+def train_privately(
+    msg: Message,
+    context: Context,
+    runtime: Runtime,
+    model: torch.nn.Module,
+    data: Dataset,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+) -> PrivateOutcome | Message:
+    """Train ``model`` on ``data`` with DP-SGD, or return a BUDGET_EXHAUSTED error reply, without
+    training, when the client's budget forbids the round."""
     config = runtime.config
     dp = config.dp
     client_id = client_id_of(context)
@@ -112,15 +127,15 @@ def private_train_reply(
     state = store.load()
     plan = round_plan(len(data), config, state.sigma_for(config))
     delta = client_delta(len(data), dp)
-    spent = epsilon(state.history, delta, dp.accountant)
     if dp.max_epsilon is not None:
         next_epsilon = epsilon([*state.history, plan.entry], delta, dp.accountant)
         if next_epsilon > dp.max_epsilon:
+            spent = epsilon(state.history, delta, dp.accountant)
             reason = exhausted_reason(client_id, spent, next_epsilon, dp.max_epsilon, delta)
             return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
     steps_before = sum(n for *_, n in state.history)
     result = train_private_round(
-        model, data, plan, state.history, device, config.lr, config.momentum, dp.grad_sample_mode
+        model, data, plan, state.history, device, config.lr, config.momentum, dp.grad_sample_mode, proximal_mu
     )
     state.record_round(server_round, result.history, plan, dp.target_epsilon)
     store.save(state)  # durable before the update leaves this node
@@ -140,11 +155,4 @@ def private_train_reply(
         grad_sample_mode=result.grad_sample_mode,
         budget=dp.max_epsilon,
     )
-    content = RecordDict(
-        {
-            ARRAYS: ArrayRecord(result.state_dict),
-            METRICS: MetricRecord({"train_loss": result.train_loss, NUM_EXAMPLES: len(data)}),
-            PRIVACY: spend.to_record(),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return PrivateOutcome(result.state_dict, result.train_loss, {PRIVACY: spend.to_record()})

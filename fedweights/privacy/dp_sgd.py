@@ -128,11 +128,15 @@ def train_private_round(
     lr: float,
     momentum: float,
     grad_sample_mode: str = "auto",
+    proximal_mu: float = 0.0,
 ) -> PrivateRound:
     """Train ``model`` on ``data`` for one round of DP-SGD (Poisson sampling, flat clipping).
 
     ``history`` is the client's accountant history so far; the returned history extends it with
     the steps actually taken. Sampling and noise use fresh OS randomness (never the run seed).
+    With ``proximal_mu`` > 0 (FedProx), each DP step is followed by the proximal step
+    ``w -= lr·mu·(w - w_global)``: it uses no data, so it costs no privacy (Opacus would drop a
+    data-independent loss term from the per-example gradients).
     """
     mode = choose_grad_sample_mode(model, grad_sample_mode)
     model = model.to(device).train()
@@ -161,13 +165,27 @@ def train_private_round(
             (dp_model, dp_optimizer, dp_loader), criterion = private, nn.CrossEntropyLoss()
         if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:  # the plan and Opacus must agree
             raise RuntimeError(f"Opacus samples at q={dp_loader.sample_rate}, planned {plan.sample_rate}")
-        loss = _run_epochs(dp_model, dp_loader, dp_optimizer, criterion, plan.local_epochs, device)
+        proximal = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
+        loss = _run_epochs(dp_model, dp_loader, dp_optimizer, criterion, plan.local_epochs, device, proximal)
     trained = {k: v.detach().cpu().clone() for k, v in dp_model._module.state_dict().items()}
     new_history = merge_history(engine.accountant.history)
     return PrivateRound(trained, loss, new_history, mode)
 
 
-def _run_epochs(model, loader, optimizer, criterion, epochs: int, device) -> float:
+def _proximal_step(model: nn.Module, rate: float):
+    """A function pulling ``model``'s parameters towards their current values by ``rate``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def step() -> None:
+        for p, a in zip(params, anchor):
+            p.sub_(rate * (p - a))
+
+    return step
+
+
+def _run_epochs(model, loader, optimizer, criterion, epochs: int, device, after_step=None) -> float:
     """DP-SGD epochs. Empty Poisson batches still take a (noise-only) step: skipping them would
     release a different mechanism than the one accounted for."""
     mean_loss = float("nan")
@@ -180,6 +198,8 @@ def _run_epochs(model, loader, optimizer, criterion, epochs: int, device) -> flo
                 loss = criterion(model(inputs), targets)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 if len(targets):
                     total += float(loss.detach()) * len(targets)
                     count += len(targets)

@@ -18,7 +18,8 @@ and a terminal table — all derived from the privacy ledger and ``metrics.json`
          "budget": float | null, "exhausted": bool, "exhausted_round": int | null,
          "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε}}},
      "rounds": [{"round", "epsilon_max", "epsilon_mean", "trained", "exhausted"}],
-     "ledger": {"file", "entries", "last_sha256"}}
+     "ledger": {"file", "entries", "last_sha256"},
+     "user_level": {...}}       # only when the run also had user-level DP-FedAvg (user_privacy.json)
 
 A client's ε at round r is its ε after the last round ≤ r it trained in; ``epsilon_max`` and
 ``epsilon_mean`` of a round are over the clients that have spent anything by then.
@@ -39,6 +40,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..run_dir import METRICS_FILE
 from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
+from .user_level_report import USER_PRIVACY_FILE
 
 PRIVACY_FILE = "privacy.json"
 REPORT_FILE = "report.html"
@@ -85,6 +87,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         },
     }
     summary["guarantee"] = guarantee_text(summary)
+    user_level = run_dir / USER_PRIVACY_FILE  # a run with server-side DP-FedAvg as well
+    if user_level.exists():
+        summary["user_level"] = json.loads(user_level.read_text()).get("user_level")
     return summary
 
 

@@ -1,21 +1,57 @@
-"""Server strategies: Flower ``flwr.serverapp.strategy.Strategy`` objects chosen by the run config."""
+"""Server strategies: Flower ``flwr.serverapp.strategy.Strategy`` objects chosen by the run config.
+
+``[strategy] name`` (``--strategy``) picks a built-in from ``BUILTINS`` (Flower's own FedAvg,
+FedAvgM, FedProx, FedAdam, FedMedian, FedTrimmedAvg, Krum, MultiKrum) or loads your own
+``package.module:Class``: any subclass of Flower's ``Strategy`` (most easily of ``FedAvg``), so the
+same class also runs in a stock Flower ServerApp. See README "Writing a strategy".
+"""
 
 from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from ..config import RunConfig
+from ..errors import ConfigError
+from .registry import BUILTINS, LINEAR_ATTRIBUTE, is_linear, load_strategy_class, make_strategy, strategy_class
+from .user_dp import UserLevelDPFedAvg, user_dp_strategy
+from .validation import ValidatedStrategy, rejected_updates
 
 
 def build_strategy(config: RunConfig) -> Strategy:
-    """The strategy a run uses (FedAvg with the run's sampling settings)."""
-    return FedAvg(
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_replies,
-        min_evaluate_nodes=config.min_replies,
-        min_available_nodes=config.wait_for_clients,
-    )
+    """The strategy a run uses: the configured one (DP-FedAvg under ``user_dp``), checked against
+    ``--he``, wrapped in update validation on the plaintext path."""
+    check_he_compatible(config)
+    strategy = user_dp_strategy(config) if config.user_dp.enabled else make_strategy(config)
+    return ValidatedStrategy(strategy, max_norm=config.strategy.max_norm)
 
 
-__all__ = ["Strategy", "build_strategy"]
+def check_he_compatible(config: RunConfig) -> None:
+    """Refuse ``--he`` with a strategy whose aggregate is not linear in the updates."""
+    if not config.he.enabled:
+        return
+    if not is_linear(strategy_class(config.strategy.name)):
+        linear = ", ".join(name for name, spec in BUILTINS.items() if spec.linear)
+        raise ConfigError(
+            "strategy.name",
+            f"is {config.strategy.name!r}, which is not linear in the updates, so it cannot aggregate "
+            f"encrypted updates (--he). Use one of {linear} (or a class with {LINEAR_ATTRIBUTE} = True), "
+            "or run without --he",
+        )
+    if config.user_dp.enabled:
+        raise ConfigError("user_dp.enabled", "together with --he (distributed noise) is not available yet")
+
+
+__all__ = [
+    "BUILTINS",
+    "FedAvg",
+    "LINEAR_ATTRIBUTE",
+    "Strategy",
+    "UserLevelDPFedAvg",
+    "ValidatedStrategy",
+    "build_strategy",
+    "check_he_compatible",
+    "is_linear",
+    "load_strategy_class",
+    "make_strategy",
+    "rejected_updates",
+]

@@ -1,0 +1,82 @@
+"""`fedweights registry …`: run a weight registry and look after its store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from ..registry.auth import AccessPolicy, read_token
+from ..registry.manifest import IntegrityError
+from ..registry.server import serve
+from ..registry.store import WeightStore
+from .app import app, bench_app, console
+
+registry_app = typer.Typer(help="Run a versioned weight registry (gRPC) and check its store.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("serve")
+def serve_command(
+    root: Path = typer.Option(..., "--root", help="Store directory (created if missing)."),
+    address: str = typer.Option("127.0.0.1:9600", "--address", help="HOST:PORT to listen on (0.0.0.0:PORT for remote clients)."),
+    tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="TLS: ca.crt, server.pem, server.key (as `fedweights keys tls` writes)."),
+    mtls: bool = typer.Option(False, "--mtls", help="Require client certificates signed by TLS_DIR/ca.crt; such clients may write."),
+    writers: list[str] = typer.Option([], "--writer", help="With --mtls: only these certificate names may write (repeatable)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Token that writes (and protected reads) must present."),
+    protect_reads: bool = typer.Option(False, "--protect-reads", help="Reads need the token or a client certificate too."),
+) -> None:
+    """Serve a weight registry until Ctrl-C / SIGTERM. Writes always need a token or mTLS."""
+    policy = AccessPolicy(
+        token=read_token(token_file) if token_file else None,
+        mtls=mtls,
+        protect_reads=protect_reads,
+        writers=frozenset(writers),
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(root, address, policy, tls_dir)
+
+
+@registry_app.command("token")
+def token_command(out: Path = typer.Option(..., "--out", help="Where to write the token (mode 0600).")) -> None:
+    """Make a random registry token (256 bits) in a file only you can read."""
+    if out.exists():
+        raise UserError(f"{out} exists; remove it first (a registry may be using that token)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    console.print(f"wrote {out} (give it to `registry serve --token-file` and to publishers)")
+
+
+@registry_app.command("fsck")
+def fsck_command(root: Path = typer.Option(..., "--root", help="Store directory to check.")) -> None:
+    """Re-verify every manifest digest, lineage link and payload hash in a store."""
+    if not (root / "index.sqlite").is_file():
+        raise UserError(f"{root} is not a registry store (no index.sqlite)")
+    problems = WeightStore(root).check()
+    if problems:
+        for problem in problems:
+            console.print(f"[red]✗[/red] {problem}", highlight=False)
+        raise IntegrityError(f"{len(problems)} problem(s) in {root}")
+    console.print(f"[green]✓[/green] {root}: every manifest, lineage link and payload verifies")
+
+
+@bench_app.command("registry")
+def bench_registry_command(
+    megabytes: int = typer.Option(100, "--megabytes", help="Model size."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per operation (the median is reported)."),
+) -> None:
+    """Registry push/pull throughput vs a plain file copy (registry in its own process, loopback)."""
+    from ..registry.bench import run
+
+    console.print_json(json.dumps(run(megabytes, repeats)))
+
+
+__all__ = ["registry_app"]
