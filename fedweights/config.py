@@ -54,7 +54,7 @@ class DPConfig:
         if self.target_epsilon is not None and self.max_epsilon is not None and self.target_epsilon > self.max_epsilon:
             raise ConfigError(
                 "dp.target_epsilon",
-                f"={self.target_epsilon:g} exceeds dp.max_epsilon={self.max_epsilon:g}: the budget would stop "
+                f"of {self.target_epsilon:g} exceeds dp.max_epsilon={self.max_epsilon:g}: the budget would stop "
                 "the planned run; lower the target or raise the budget",
             )
 

@@ -145,7 +145,8 @@ def train_private_round(
     engine.accountant.load_state_dict({"history": [tuple(e) for e in history], "mechanism": "rdp"})
     # Noise and Poisson sampling must not be predictable from a seed someone set (the run seed,
     # user code): draw them from generators seeded with OS entropy, and restore the global RNG.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(secrets.randbits(63))
         private = engine.make_private(
             module=model,
@@ -218,7 +219,3 @@ class _quiet_opacus_empty_batch_warning:
     def __exit__(self, *exc):
         self._logger.setLevel(self._level)
 
-
-def round_plan_dict(plan: RoundPlan) -> dict:
-    """The plan as a plain dict (for state files and replies)."""
-    return dataclasses.asdict(plan)

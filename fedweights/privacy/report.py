@@ -156,7 +156,8 @@ def print_privacy_report(run_dir: str | Path, console: Console | None = None) ->
     if summary.get("stopped_early"):
         console.print(f"[yellow]stopped early[/yellow]: {summary['stopped_early']}")
     console.print(f"max epsilon {format_epsilon(summary['epsilon_max'], 4)} at delta {_fmt(summary['delta'], 'g')}")
-    console.print(f"Privacy report: [bold]{html_path.resolve()}[/bold] (data: {json_path.resolve()})")
+    console.print(f"Privacy data: {json_path.resolve()}")
+    console.print(f"Privacy report: [bold]{html_path.resolve()}[/bold]")
     return json_path, html_path
 
 

@@ -76,7 +76,7 @@ class PrivacyHooks(RoundHooks):
         if usable < needed and exhausted:
             raise StopRun(
                 f"{len(exhausted)} sampled client(s) have spent their privacy budget "
-                f"(max_epsilon={self.config.dp.max_epsilon:g}: clients {', '.join(sorted(exhausted))}) and "
+                f"(max_epsilon={self.config.dp.max_epsilon}: clients {', '.join(sorted(exhausted))}) and "
                 f"only {usable} usable update(s) remain, {needed} needed"
             )
 
