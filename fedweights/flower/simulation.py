@@ -47,6 +47,10 @@ def simulate(
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
     build_strategy(config)  # fail fast on an unknown or unloadable strategy
+    if config.dp.enabled:  # unreachable target ε, budget below one round: refuse before Ray starts
+        from ..privacy.plan import check_dp_run
+
+        check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
 
     from flwr.simulation import run_simulation
 
@@ -72,8 +76,6 @@ def simulate(
 
 
 def _refuse_unavailable(config: RunConfig) -> None:
-    if config.dp.enabled:
-        raise UserError("--dp (record-level DP-SGD) is not available yet in this version; run with --no-dp")
     if config.he.enabled:
         raise UserError("--he (encrypted aggregation) is not available yet in this version; run with --no-he")
 
