@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedweights simulate --he --clients 4 --rounds 5 --out runs/demo
+	$(BIN)/fedweights simulate --he --dp --clients 4 --rounds 5 --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -36,6 +36,7 @@ class DPConfig:
     delta: float | None = None
     accountant: Literal["pld", "rdp"] = "pld"
     max_epsilon: float | None = None
+    grad_sample_mode: Literal["auto", "ghost", "hooks"] = "auto"
 
     def validate(self) -> None:
         """Check the ranges of the DP settings."""
@@ -49,6 +50,12 @@ class DPConfig:
             raise ConfigError(
                 "dp.target_epsilon",
                 "and dp.noise_multiplier are exclusive: give one (the other is derived)",
+            )
+        if self.target_epsilon is not None and self.max_epsilon is not None and self.target_epsilon > self.max_epsilon:
+            raise ConfigError(
+                "dp.target_epsilon",
+                f"of {self.target_epsilon:g} exceeds dp.max_epsilon={self.max_epsilon:g}: the budget would stop "
+                "the planned run; lower the target or raise the budget",
             )
 
 

@@ -108,7 +108,13 @@ def _load_pickled_task(path: str) -> Task:
 def resolve_task(config: RunConfig, pickled: str | None = None) -> Task:
     """The Task for this run: a pickled Python-API task, else ``config.task``, else the built-in one."""
     if pickled:
-        return _load_pickled_task(pickled)
-    if config.task:
-        return import_task(config.task, config)
-    return builtin_task(config)
+        task = _load_pickled_task(pickled)
+    elif config.task:
+        task = import_task(config.task, config)
+    else:
+        task = builtin_task(config)
+    if config.dp.enabled:  # server and clients must build the same DP-trainable model
+        from .privacy.dp_sgd import dp_compatible_task
+
+        task = dp_compatible_task(task)
+    return task

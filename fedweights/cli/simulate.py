@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..config import load_config
+from ..errors import UserError
 from ..flower.simulation import simulate
 from ..progress import RichReporter
 from .app import app, console, given
@@ -30,6 +31,12 @@ def simulate_command(
     task: Optional[str] = typer.Option(None, help="Your own task: 'package.module:function' returning fedweights.Task."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<timestamp>)."),
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="Record-level DP-SGD on clients."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="DP: noise multiplier σ (default 1.0)."),
+    target_epsilon: Optional[float] = typer.Option(None, help="DP: calibrate σ so the whole run spends this ε."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="DP: per-example clipping norm C (default 1.0)."),
+    delta: Optional[float] = typer.Option(None, help="DP: δ (default: 1/n_k² rounded down to 10^-k, at most 1e-5)."),
+    accountant: Optional[str] = typer.Option(None, help="DP: pld (tight, default) | rdp."),
+    max_epsilon: Optional[float] = typer.Option(None, help="DP: per-client budget; a client stops before exceeding it."),
     he: Optional[bool] = typer.Option(None, "--he/--no-he", help="Homomorphically encrypted aggregation."),
     he_key: Optional[Path] = typer.Option(None, "--he-key", help="With --he: use this secret.ctx instead of fresh keys."),
     publish: Optional[str] = typer.Option(None, "--publish", help="Weight registry HOST:PORT: publish the final global model there."),
@@ -66,6 +73,12 @@ def simulate_command(
             "task": task,
             "out": str(out) if out else None,
             "dp.enabled": dp,
+            "dp.noise_multiplier": noise_multiplier,
+            "dp.target_epsilon": target_epsilon,
+            "dp.max_grad_norm": max_grad_norm,
+            "dp.delta": delta,
+            "dp.accountant": accountant,
+            "dp.max_epsilon": max_epsilon,
             "he.enabled": he,
             "he.key": str(he_key) if he_key else None,
             "publish.registry": publish,
@@ -83,5 +96,13 @@ def simulate_command(
         }
     )
     run_config = load_config(config, overrides)
+    dp_options = [k for k in overrides if k.startswith("dp.") and k != "dp.enabled"]
+    if dp_options and not run_config.dp.enabled:
+        names = ", ".join("--" + k.removeprefix("dp.").replace("_", "-") for k in dp_options)
+        raise UserError(f"{names} only apply to DP runs: add --dp (or dp.enabled = true in the config)")
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
+    if run_config.dp.enabled:  # end with the privacy table and where report.html is
+        from ..privacy.report import print_privacy_report
+
+        print_privacy_report(result.run_dir, console)

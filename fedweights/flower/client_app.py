@@ -57,17 +57,28 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     model = _model_from(msg, context, runtime)
     seed = config.seed * 100_003 + server_round * 1_009 + pid
     train_data = attacks.poison_labels(config.attack, pid, data.train, runtime.task().train_data)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=generator)
-    optimizer = make_optimizer(model, config.lr, config.momentum)
-    criterion = local_criterion(model, float(msg.content[CONFIG].get(PROXIMAL_MU_KEY, 0.0)))  # FedProx
-    loss = train_epochs(model, loader, optimizer, config.local_epochs, device, criterion)
-    start = plaintext_global(msg, context, runtime, model)
-    state = attacks.tamper_update(config.attack, pid, start, model.cpu().state_dict(), seed)
+    proximal_mu = float(msg.content[CONFIG].get(PROXIMAL_MU_KEY, 0.0))  # FedProx
+    privacy = {}
+    if config.dp.enabled:  # Opacus DP-SGD, accountant and budget: fedweights.privacy.client
+        from ..privacy.client import train_privately
+
+        outcome = train_privately(msg, context, runtime, model, train_data, device, proximal_mu)
+        if isinstance(outcome, Message):  # the privacy budget forbids this round: no training
+            return outcome
+        trained, loss, privacy = outcome.state_dict, outcome.train_loss, outcome.records
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=generator)
+        optimizer = make_optimizer(model, config.lr, config.momentum)
+        loss = train_epochs(model, loader, optimizer, config.local_epochs, device, local_criterion(model, proximal_mu))
+        trained = model.cpu().state_dict()
+    start = plaintext_global(msg, context, runtime, model)  # the received model (decrypted under --he)
+    state = attacks.tamper_update(config.attack, pid, start, trained, seed)
     content = RecordDict(
         {
             ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime),  # encrypted under --he
             METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
+            **privacy,
         }
     )
     return Message(content, reply_to=msg)

@@ -127,8 +127,14 @@ def decrypt_model_file(
         raise UserError(f"cannot decrypt {path}: {exc}") from None
 
 
-def write_decrypted_model(run_dir: RunDir, config: RunConfig, model: torch.nn.Module) -> Path:
-    """``simulate --he``: decrypt ``RUN/model.he`` with the run's secret key into ``model.safetensors``."""
+def write_decrypted_model(run_dir: RunDir, config: RunConfig, model: torch.nn.Module) -> Path | None:
+    """``simulate --he``: decrypt ``RUN/model.he`` with the run's secret key into ``model.safetensors``.
+
+    None when the run stopped before any encrypted aggregate (the round loop then saved the
+    plaintext initial model itself).
+    """
+    if not (run_dir.path / ENCRYPTED_MODEL_FILE).exists():
+        return None
     state = decrypt_model_file(run_dir.path / ENCRYPTED_MODEL_FILE, config.he.key, model)
     model.load_state_dict(state)
     metadata = {"rounds": str(config.rounds), "format": "pt", "decrypted_from": ENCRYPTED_MODEL_FILE}

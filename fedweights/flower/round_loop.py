@@ -27,6 +27,12 @@ from .encryption import is_encrypted, save_encrypted_model
 from .runtime import Runtime
 
 
+class StopRun(Exception):
+    """Raised by ``RoundHooks.on_train_replies`` to end the run early but cleanly (e.g. every
+    client's privacy budget is spent): the round is not aggregated, the run is saved as completed
+    with ``stopped_early`` set to this message, and ``on_run_end`` still runs."""
+
+
 class RoundHooks:
     """Extension points of the round loop; subclass and override what you need."""
 
@@ -43,6 +49,10 @@ class RoundHooks:
 def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
     """The hooks a run's config asks for (privacy ledger, checkpoints, publishing, …)."""
     hooks: list[RoundHooks] = []
+    if runtime.config.dp.enabled:
+        from ..privacy.server import PrivacyHooks
+
+        hooks.append(PrivacyHooks(runtime, run_dir))
     if runtime.config.user_dp.enabled:
         from ..privacy.user_level_report import UserLevelPrivacyFile  # imports RoundHooks from here
 
@@ -86,10 +96,16 @@ def run_federation(
     hooks = build_hooks(runtime, run_dir) + list(hooks)
     reporter.run_started(config.rounds, config.clients, str(run_dir.path))
     records: list[RoundRecord] = []
+    stopped: dict[str, str] = {}
     try:
         for server_round in range(1, config.rounds + 1):
             started = time.monotonic()
-            arrays, train_metrics, failures, used = _train_round(grid, strategy, runtime, server_round, arrays, hooks)
+            try:
+                arrays, train_metrics, failures, used = _train_round(grid, strategy, runtime, server_round, arrays, hooks)
+            except StopRun as stop:
+                stopped = {"stopped_early": f"round {server_round}: {stop}"}
+                reporter.console.print(f"[yellow]run stopped early[/yellow]: {stopped['stopped_early']}")
+                break
             eval_metrics = _evaluate_round(grid, strategy, config.round_timeout, server_round, arrays)
             record = RoundRecord(
                 round=server_round,
@@ -113,7 +129,7 @@ def run_federation(
     except BaseException as exc:
         run_dir.set_status("failed", error=str(exc) or type(exc).__name__)
         raise
-    run_dir.set_status("completed")
+    run_dir.set_status("completed", **stopped)
     for hook in hooks:
         hook.on_run_end(run_dir, arrays)
     reporter.run_finished(records)

@@ -38,7 +38,6 @@ def simulate(
     the run cannot complete.
     """
     config.validate()
-    _refuse_unavailable(config)
     publish_preflight(config)  # registry reachable and accepting our writes, before any process starts
     out = Path(config.out) if config.out else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +48,10 @@ def simulate(
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
     build_strategy(config)  # fail fast on an unknown or unloadable strategy
+    if config.dp.enabled:  # unreachable target ε, budget below one round: refuse before Ray starts
+        from ..privacy.plan import check_dp_run
+
+        check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
 
     from flwr.simulation import run_simulation
 
@@ -73,11 +76,6 @@ def simulate(
     if config.he.enabled:  # the coordinator saved only the encrypted model; this process holds the secret key
         write_decrypted_model(RunDir(out), config, runtime.task().model_fn())
     return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
-
-
-def _refuse_unavailable(config: RunConfig) -> None:
-    if config.dp.enabled:
-        raise UserError("--dp (record-level DP-SGD) is not available yet in this version; run with --no-dp")
 
 
 def _backend_config(clients: int, use_gpu: bool, verbose: bool) -> dict:

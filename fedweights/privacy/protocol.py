@@ -1,0 +1,71 @@
+"""What a DP client tells the coordinator about its privacy spend, in a train reply.
+
+A trained reply carries a ``ConfigRecord`` under :data:`PRIVACY` next to its arrays and metrics
+(the keys of :class:`ClientSpend`). A client whose next round would exceed its budget does not
+train: it replies with a Flower error of code :data:`BUDGET_EXHAUSTED` and a reason made by
+:func:`exhausted_reason`, which the coordinator parses back with :func:`parse_exhausted_reason`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+
+from flwr.app import ConfigRecord
+
+from .accounting import Entry
+from .ledger import format_epsilon
+
+PRIVACY = "privacy"  # RecordDict key of the ConfigRecord holding a ClientSpend
+BUDGET_EXHAUSTED = 4030  # Flower Error code: the client's privacy budget does not allow another round
+
+_EXHAUSTED = re.compile(r"^privacy budget exhausted: client (?P<client>\S+) has spent epsilon=(?P<spent>[0-9.eE+-]+)")
+
+
+@dataclass
+class ClientSpend:
+    """One client's accounting facts after a trained round (all it needs to be audited)."""
+
+    client_id: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # steps taken this round
+    history: list[Entry]  # the client accountant's full history (all rounds so far)
+    epsilon: float  # ε the client computed for ``history`` (the server recomputes it)
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    batch_size: int  # configured batch size (Poisson batches average n_examples·sample_rate)
+    local_epochs: int
+    n_examples: int
+    grad_sample_mode: str
+    budget: float | None = None  # the client's max_epsilon, if any
+
+    def to_record(self) -> ConfigRecord:
+        """As a Flower ConfigRecord (history JSON-encoded; no budget key when unlimited)."""
+        values = asdict(self)
+        values["history"] = json.dumps([list(e) for e in self.history])
+        return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> ClientSpend:
+        """Parse a reply's ConfigRecord; raises KeyError/ValueError when it is malformed."""
+        values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
+        values["history"] = [(float(s), float(q), int(n)) for s, q, n in json.loads(str(values["history"]))]
+        return cls(**values)
+
+
+def exhausted_reason(client_id: str, spent: float, next_epsilon: float, budget: float, delta: float) -> str:
+    """The error reason of a client that refuses to train because of its budget."""
+    return (
+        f"privacy budget exhausted: client {client_id} has spent epsilon={format_epsilon(spent, 6)} (delta={delta:g}); "
+        f"one more round would reach epsilon={format_epsilon(next_epsilon, 6)} > max_epsilon={budget:g}. "
+        "It no longer trains in this run."
+    )
+
+
+def parse_exhausted_reason(reason: str | None) -> tuple[str, float] | None:
+    """(client id, ε spent) from an :func:`exhausted_reason`, or None for other reasons."""
+    match = _EXHAUSTED.match(reason or "")
+    return (match["client"], float(match["spent"])) if match else None

@@ -1,0 +1,225 @@
+"""Privacy reports of a run: ``privacy.json`` (machine-checkable), ``report.html`` (for people),
+and a terminal table — all derived from the privacy ledger and ``metrics.json``.
+
+``privacy.json`` schema (``schema`` = "fedweights.privacy/1")::
+
+    {"schema", "run_id", "status", "stopped_early": str | null,
+     "accountant": "pld" | "rdp",
+     "delta": float,             # the run's δ if set, else the largest client δ
+     "epsilon_max": float,       # the largest client ε ("inf" when a client is unprotected)
+     "guarantee": str,           # the guarantee in words
+     "settings": {noise_multiplier, target_epsilon, max_grad_norm, delta, max_epsilon, accountant,
+                  rounds, local_epochs, batch_size, lr, clients},
+     "clients": {"<client id>": {
+         "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate",
+         "steps",                 # total DP-SGD steps
+         "n_examples", "batch_size", "local_epochs", "rounds_participated",
+         "history": [[noise_multiplier, sample_rate, steps], ...],
+         "budget": float | null, "exhausted": bool, "exhausted_round": int | null,
+         "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε}}},
+     "rounds": [{"round", "epsilon_max", "epsilon_mean", "trained", "exhausted"}],
+     "ledger": {"file", "entries", "last_sha256"},
+     "user_level": {...}}       # only when the run also had user-level DP-FedAvg (user_privacy.json)
+
+A client's ε at round r is its ε after the last round ≤ r it trained in; ``epsilon_max`` and
+``epsilon_mean`` of a round are over the clients that have spent anything by then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UserError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..run_dir import METRICS_FILE
+from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
+from .user_level_report import USER_PRIVACY_FILE
+
+PRIVACY_FILE = "privacy.json"
+REPORT_FILE = "report.html"
+SCHEMA = "fedweights.privacy/1"
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """The content of privacy.json for ``run_dir`` (reads the ledger and metrics.json)."""
+    run_dir = Path(run_dir)
+    ledger = Ledger(run_dir)
+    entries = ledger.read()
+    if not entries:
+        raise UserError(f"{run_dir} has no privacy ledger ({LEDGER_FILE}): was the run made with --dp?")
+    metrics_path = run_dir / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    config = metrics.get("config", {})
+    dp = config.get("dp", {})
+    clients: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        _apply(clients.setdefault(str(entry["client"]), _new_client()), entry)
+    clients = dict(sorted(clients.items(), key=lambda kv: _client_sort_key(kv[0])))
+    deltas = [c["delta"] for c in clients.values() if c["delta"] is not None]
+    delta = dp.get("delta") or (max(deltas) if deltas else None)
+    epsilons = [as_epsilon(c["epsilon"]) for c in clients.values()]
+    summary = {
+        "schema": SCHEMA,
+        "run_id": metrics.get("run_id"),
+        "status": metrics.get("status", "unknown"),
+        "stopped_early": metrics.get("stopped_early"),
+        "accountant": entries[-1].get("accountant") or dp.get("accountant", "pld"),
+        "delta": delta,
+        "epsilon_max": _finite(max(epsilons)),
+        "guarantee": "",
+        "settings": {
+            **{k: dp.get(k) for k in ("noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "max_epsilon", "accountant")},
+            **{k: config.get(k) for k in ("rounds", "local_epochs", "batch_size", "lr", "clients")},
+        },
+        "clients": clients,
+        "rounds": _rounds(clients, entries),
+        "ledger": {
+            "file": LEDGER_FILE,
+            "entries": len(entries),
+            "last_sha256": hashlib.sha256(ledger.path.read_bytes().splitlines()[-1]).hexdigest(),
+        },
+    }
+    summary["guarantee"] = guarantee_text(summary)
+    user_level = run_dir / USER_PRIVACY_FILE  # a run with server-side DP-FedAvg as well
+    if user_level.exists():
+        summary["user_level"] = json.loads(user_level.read_text()).get("user_level")
+    return summary
+
+
+def guarantee_text(summary: dict[str, Any]) -> str:
+    """The guarantee in plain language, with this run's numbers."""
+    eps = as_epsilon(summary["epsilon_max"])
+    unprotected = [c for c, v in summary["clients"].items() if v["unaccounted"]]
+    if not math.isfinite(eps):
+        return (
+            f"No guarantee for client(s) {', '.join(unprotected)}: they sent updates without DP accounting, "
+            "so their records must be treated as unprotected."
+        )
+    return (
+        f"Record-level differential privacy, (ε, δ) = ({format_epsilon(eps)}, {summary['delta']:g}) or better for every client. "
+        "For any single training record (one example) of a client, everything derived from that client's "
+        "updates (the global models, this report, anything an attacker at the coordinator saw) is almost "
+        f"equally likely whether or not the record was used: no outcome becomes more than e^ε ≤ {math.ceil(math.exp(eps) * 10) / 10:g} "
+        f"times likelier, except with probability at most δ = {summary['delta']:g}. It protects individual "
+        "records, not a client's data as a whole: patterns shared by many records (and a client's data "
+        "distribution) can still be learned. ε was accounted with "
+        f"{'privacy-loss distributions (tight)' if summary['accountant'] == 'pld' else 'Rényi DP (an upper bound)'} "
+        "over every DP-SGD step each client took (Poisson sampling, per-example clipping, Gaussian noise)."
+    )
+
+
+def write_privacy_json(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Write privacy.json into ``run_dir``; return its path and content."""
+    summary = summarize(run_dir)
+    return atomic_write_json(Path(run_dir) / PRIVACY_FILE, summary), summary
+
+
+def write_reports(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write privacy.json and report.html into ``run_dir``; return their paths."""
+    from .report_html import render_html
+
+    json_path, summary = write_privacy_json(run_dir)
+    html_path = atomic_write_bytes(Path(run_dir) / REPORT_FILE, render_html(summary, Path(run_dir)).encode())
+    return json_path, html_path
+
+
+def privacy_table(summary: dict[str, Any]) -> Table:
+    """A rich table with one row per client (a budget column only when there is a budget)."""
+    table = Table(title=f"Privacy spent per client (record-level DP, {summary['accountant']} accountant)")
+    with_budget = any(c["budget"] is not None for c in summary["clients"].values())
+    columns = ["client", "ε", "δ", "σ", "q", "steps", "rounds", "n", *(["budget"] if with_budget else []), "status"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "status" else "right", min_width=len(column))
+    for client, c in summary["clients"].items():
+        status = "unprotected" if c["unaccounted"] else (
+            f"budget reached r{c['exhausted_round']}" if c["exhausted"] else "ok"
+        )
+        cells = [client, format_epsilon(c["epsilon"]), _fmt(c["delta"], ".0e"), _fmt(c["noise_multiplier"], ".3g"),
+                 _fmt(c["sample_rate"], ".3g"), str(c["steps"]), str(c["rounds_participated"]), _fmt(c["n_examples"], "d")]
+        table.add_row(*cells, *([_fmt(c["budget"], "g")] if with_budget else []), status)
+    return table
+
+
+def print_privacy_report(run_dir: str | Path, console: Console | None = None) -> tuple[Path, Path]:
+    """Write the reports and print the table and where report.html is."""
+    console = console or Console()
+    json_path, html_path = write_reports(run_dir)
+    summary = json.loads(json_path.read_text())
+    console.print(privacy_table(summary))
+    if summary.get("stopped_early"):
+        console.print(f"[yellow]stopped early[/yellow]: {summary['stopped_early']}")
+    console.print(f"max epsilon {format_epsilon(summary['epsilon_max'], 4)} at delta {_fmt(summary['delta'], 'g')}")
+    console.print(f"Privacy data: {json_path.resolve()}")
+    console.print(f"Privacy report: [bold]{html_path.resolve()}[/bold]")
+    return json_path, html_path
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _new_client() -> dict[str, Any]:
+    keys = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "n_examples", "batch_size",
+            "local_epochs", "budget", "exhausted_round", "grad_sample_mode")
+    return {**dict.fromkeys(keys), "epsilon": 0.0, "steps": 0, "rounds_participated": 0, "history": [],
+            "exhausted": False, "unaccounted": False, "epsilon_by_round": {}}
+
+
+def _apply(client: dict[str, Any], entry: dict[str, Any]) -> None:
+    status = entry["status"]
+    if status == "trained":
+        for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "n_examples",
+                    "batch_size", "local_epochs", "budget", "grad_sample_mode", "history"):
+            client[key] = entry.get(key)
+        client["rounds_participated"] += 1
+    elif status == "exhausted":
+        client["exhausted"] = True
+        client["exhausted_round"] = client["exhausted_round"] or entry["round"]
+        client["budget"] = entry.get("budget")
+    elif status == "unaccounted":
+        client["unaccounted"] = True
+    if client["epsilon"] != "inf":
+        client["epsilon"] = _finite(max(as_epsilon(client["epsilon"]), as_epsilon(entry.get("epsilon"))))
+    client["steps"] = sum(int(n) for *_, n in client["history"])
+    client["epsilon_by_round"][str(entry["round"])] = client["epsilon"]
+
+
+def _rounds(clients: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in sorted({int(e["round"]) for e in entries}):
+        spent = []
+        for c in clients.values():
+            upto = [int(k) for k in c["epsilon_by_round"] if int(k) <= r]
+            if upto:
+                spent.append(as_epsilon(c["epsilon_by_round"][str(max(upto))]))
+        this_round = [e for e in entries if int(e["round"]) == r]
+        rows.append({
+            "round": r,
+            "epsilon_max": _finite(max(spent)),
+            "epsilon_mean": _finite(sum(spent) / len(spent)),
+            "trained": sum(e["status"] == "trained" for e in this_round),
+            "exhausted": sum(e["status"] == "exhausted" for e in this_round),
+        })
+    return rows
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else "inf"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "—"
+    if value == "inf":
+        return "∞"
+    return format(value, spec)
+
+
+def _client_sort_key(client: str) -> tuple[int, str]:
+    return (int(client), "") if client.isdigit() else (1 << 30, client)

@@ -1,0 +1,159 @@
+"""``report.html``: one self-contained page (plots embedded as PNG data URIs, inline CSS)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from ..run_dir import METRICS_FILE
+from .ledger import as_epsilon, format_epsilon
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.guarantee{background:#eef6ee;border-left:4px solid #3a3;padding:.8em 1em}
+.warn{background:#fff4e0;border-left:4px solid #e90;padding:.6em 1em}
+img{max-width:100%}code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def render_html(summary: dict[str, Any], run_dir: Path) -> str:
+    """The report page for a privacy summary (see ``report.summarize``)."""
+    metrics_path = run_dir / METRICS_FILE
+    rounds = json.loads(metrics_path.read_text()).get("rounds", []) if metrics_path.exists() else []
+    esc = html.escape
+    warnings = []
+    if summary.get("stopped_early"):
+        warnings.append(f"The run stopped early: {esc(summary['stopped_early'])}")
+    exhausted = [c for c, v in summary["clients"].items() if v["exhausted"]]
+    if exhausted:
+        warnings.append(f"Client(s) {esc(', '.join(exhausted))} reached their privacy budget and stopped training.")
+    unprotected = [c for c, v in summary["clients"].items() if v["unaccounted"]]
+    if unprotected:
+        warnings.append(f"Client(s) {esc(', '.join(unprotected))} sent updates without DP accounting: unprotected.")
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>fedweights privacy report {esc(str(summary.get('run_id') or ''))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Privacy report — run {esc(str(summary.get('run_id') or '?'))}</h1>",
+        f"<p>Status: <b>{esc(str(summary['status']))}</b>. Largest ε over clients: "
+        f"<b>{format_epsilon(summary['epsilon_max'])}</b> at δ = <b>{_fmt(summary['delta'])}</b> "
+        f"({esc(summary['accountant'])} accountant).</p>",
+        "<h2>What this guarantees</h2>",
+        f"<p class='guarantee'>{esc(summary['guarantee'])}</p>",
+        *[f"<p class='warn'>{w}</p>" for w in warnings],
+        "<h2>Privacy spent per client over the rounds</h2>",
+        _img(_epsilon_plot(summary), "epsilon per client versus round"),
+        "<h2>Accuracy over the rounds</h2>",
+        _img(_accuracy_plot(rounds), "global model accuracy versus round") if rounds else "<p>No rounds recorded.</p>",
+        "<h2>Clients</h2>",
+        _clients_table(summary),
+        "<h2>Settings used</h2>",
+        _table(["setting", "value"], [[k, _fmt(v)] for k, v in summary["settings"].items()]),
+        "<h2>Audit trail</h2>",
+        f"<p>Every round appended each client's (σ, q, steps) history and ε to <code>{esc(summary['ledger']['file'])}</code> "
+        f"({summary['ledger']['entries']} hash-chained entries, last SHA-256 <code>{esc(summary['ledger']['last_sha256'][:16])}…</code>), "
+        "written before that round's updates were aggregated. ε was recomputed by the coordinator from those histories. "
+        "<code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan</code> reproduces any of them.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _clients_table(summary: dict[str, Any]) -> str:
+    header = ["client", "ε", "δ", "σ", "C (clip)", "q", "steps", "rounds", "examples", "batch", "budget", "mode", "status"]
+    rows = []
+    for client, c in summary["clients"].items():
+        status = "unprotected" if c["unaccounted"] else (
+            f"budget reached (round {c['exhausted_round']})" if c["exhausted"] else "ok"
+        )
+        rows.append([client, format_epsilon(c["epsilon"]), _fmt(c["delta"]), _fmt(c["noise_multiplier"]), _fmt(c["max_grad_norm"]),
+                     _fmt(c["sample_rate"]), c["steps"], c["rounds_participated"], _fmt(c["n_examples"]),
+                     _fmt(c["batch_size"]), _fmt(c["budget"]), _fmt(c["grad_sample_mode"]), status])
+    return _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _epsilon_plot(summary: dict[str, Any]) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110)
+    many = len(summary["clients"]) > 12
+    for client, c in summary["clients"].items():
+        points = sorted((int(r), as_epsilon(e)) for r, e in c["epsilon_by_round"].items())
+        if not many and points:
+            ax.plot(*zip(*points), marker="o", ms=3, label=f"client {client}")
+    if many:  # too many lines to read: show the spread
+        rows = summary["rounds"]
+        xs = [r["round"] for r in rows]
+        ax.plot(xs, [as_epsilon(r["epsilon_max"]) for r in rows], marker="o", ms=3, label="max over clients")
+        ax.plot(xs, [as_epsilon(r["epsilon_mean"]) for r in rows], marker="o", ms=3, label="mean over clients")
+    budget = summary["settings"].get("max_epsilon")
+    if budget:
+        ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+    ax.set_ylim(bottom=0)
+    _round_axis(ax)
+    ax.set_ylabel(f"ε so far (δ={_fmt(summary['delta'])})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def _accuracy_plot(rounds: list[dict[str, Any]]) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=110)
+    points = [(r["round"], r["eval_accuracy"]) for r in rounds if r.get("eval_accuracy") is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=3, color="tab:green")
+    ax.set_ylim(0, 1)
+    _round_axis(ax)
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _round_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if value == "inf":
+        return "∞ (unprotected)"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

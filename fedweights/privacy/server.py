@@ -1,0 +1,158 @@
+"""The coordinator's side of DP: record every client's spend in the ledger before any update is
+aggregated, stop the run when budgets leave nothing to train, and write the reports at the end.
+
+ε is recomputed here from each client's reported (σ, q, steps) history with the same accounting
+code the clients use, so the ledger does not rest on a client's arithmetic. The history used is
+the smallest one covering both what the client reports and what this ledger already saw from it
+plus this round's steps, so a client that lost its accountant state is never undercounted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message
+
+from ..flower.round_loop import RoundHooks, StopRun
+from ..flower.runtime import Runtime
+from ..run_dir import RoundRecord, RunDir
+from .accounting import Entry, covering_history, epsilon
+from .ledger import LEDGER_FILE, Ledger, as_epsilon
+from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, parse_exhausted_reason
+from .report import PRIVACY_FILE, REPORT_FILE, write_privacy_json, write_reports
+
+
+def archive_other_run(run_dir: Path, run_id: str) -> Path | None:
+    """Move another run's ledger and reports out of the way (to ``archive/<its run id>/``) when a
+    new run reuses ``run_dir``; nothing is deleted. Return the archive folder, if any."""
+    ledger = Ledger(run_dir)
+    if not ledger.path.exists():
+        return None
+    first = ledger.path.read_bytes().split(b"\n", 1)[0]
+    try:
+        old_run = str(json.loads(first).get("run") or "unknown")
+    except ValueError:
+        old_run = "unknown"
+    if old_run == run_id:
+        return None
+    target = run_dir / "archive" / f"{old_run}-{int(time.time())}"
+    target.mkdir(parents=True)
+    for name in (LEDGER_FILE, PRIVACY_FILE, REPORT_FILE):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, target / name)
+    return target
+
+
+class PrivacyHooks(RoundHooks):
+    """Round-loop hooks of a DP run: the privacy ledger and the privacy reports."""
+
+    def __init__(self, runtime: Runtime, run_dir: RunDir) -> None:
+        self.config = runtime.config
+        self.run_path = run_dir.path
+        self.run_id = str(run_dir.read_metrics().get("run_id", ""))
+        archive_other_run(run_dir.path, self.run_id)
+        self.ledger = Ledger(run_dir.path)
+        self.histories: dict[str, list[Entry]] = {}
+        self.last: dict[str, dict[str, Any]] = {}  # latest ledger entry per client
+        self.client_of_node: dict[str, str] = {}
+        for entry in self.ledger.read():  # a resumed run (same run id) continues its ledger
+            self._remember(entry)
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        """Append one ledger line per reply (durable before aggregation); stop when budgets are spent."""
+        records = [self._record(server_round, reply) for reply in replies]
+        records = [{"run": self.run_id, **r} for r in records if r is not None]
+        for entry in self.ledger.append(records):
+            self._remember(entry)
+        usable = sum(not r.has_error() for r in replies)
+        needed = max(1, min(self.config.min_replies, len(replies)))
+        exhausted = [r["client"] for r in records if r["status"] == "exhausted"]
+        if usable < needed and exhausted:
+            raise StopRun(
+                f"{len(exhausted)} sampled client(s) have spent their privacy budget "
+                f"(max_epsilon={self.config.dp.max_epsilon}: clients {', '.join(sorted(exhausted))}) and "
+                f"only {usable} usable update(s) remain, {needed} needed"
+            )
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        """Keep privacy.json current after every round (e.g. for a model published each round)."""
+        write_privacy_json(self.run_path)
+
+    def on_run_end(self, run_dir: RunDir, arrays: ArrayRecord) -> None:
+        """Write privacy.json and report.html."""
+        write_reports(run_dir.path)
+
+    # ------------------------------------------------------------------ records
+
+    def _record(self, server_round: int, reply: Message) -> dict[str, Any] | None:
+        node = str(reply.metadata.src_node_id)
+        if reply.has_error():
+            parsed = parse_exhausted_reason(reply.error.reason) if reply.error.code == BUDGET_EXHAUSTED else None
+            if parsed is None:
+                return None  # an ordinary failure: no update, no spend
+            client, spent = parsed
+            last = self.last.get(client, {})
+            return {
+                **{k: last.get(k) for k in ("delta", "noise_multiplier", "sample_rate", "n_examples")},
+                "round": server_round,
+                "client": client,
+                "node": node,
+                "status": "exhausted",
+                "steps": 0,
+                "history": [list(e) for e in self.histories.get(client, [])],
+                "epsilon": max(as_epsilon(last.get("epsilon", 0.0)), spent),
+                "client_epsilon": spent,
+                "accountant": self.config.dp.accountant,
+                "budget": self.config.dp.max_epsilon,
+                "reason": reply.error.reason,
+            }
+        try:
+            spend = ClientSpend.from_record(reply.content[PRIVACY])
+        except (KeyError, ValueError, TypeError) as exc:
+            client = self.client_of_node.get(node, f"node-{node}")
+            return {
+                "round": server_round,
+                "client": client,
+                "node": node,
+                "status": "unaccounted",
+                "epsilon": math.inf,
+                "accountant": self.config.dp.accountant,
+                "reason": f"the reply carried no valid DP accounting ({type(exc).__name__}: {exc}); "
+                "treat this client's records as unprotected",
+            }
+        previous = self.histories.get(spend.client_id, [])
+        this_round = (spend.noise_multiplier, spend.sample_rate, spend.steps)
+        history = covering_history(spend.history, [*previous, this_round])
+        return {
+            "round": server_round,
+            "client": spend.client_id,
+            "node": node,
+            "status": "trained",
+            "noise_multiplier": spend.noise_multiplier,
+            "sample_rate": spend.sample_rate,
+            "steps": spend.steps,
+            "history": [list(e) for e in history],
+            "epsilon": epsilon(history, spend.delta, self.config.dp.accountant),
+            "client_epsilon": spend.epsilon,
+            "delta": spend.delta,
+            "accountant": self.config.dp.accountant,
+            "max_grad_norm": spend.max_grad_norm,
+            "batch_size": spend.batch_size,
+            "local_epochs": spend.local_epochs,
+            "n_examples": spend.n_examples,
+            "grad_sample_mode": spend.grad_sample_mode,
+            "budget": spend.budget,
+        }
+
+    def _remember(self, entry: dict[str, Any]) -> None:
+        client = str(entry["client"])
+        self.client_of_node[str(entry.get("node"))] = client
+        if entry.get("history") is not None:
+            self.histories[client] = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+        self.last[client] = {**self.last.get(client, {}), **{k: v for k, v in entry.items() if v is not None}}

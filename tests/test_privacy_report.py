@@ -1,0 +1,138 @@
+"""privacy.json, report.html and the `report` / `privacy plan` commands."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fedweights.cli import main
+from fedweights.config import DPConfig, RunConfig
+from fedweights.privacy.accounting import calibrate_noise, epsilon
+from fedweights.privacy.ledger import Ledger
+from fedweights.privacy.report import write_reports
+from fedweights.run_dir import RoundRecord, RunDir
+
+Q, DELTA = 1 / 23, 1e-6
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the `fedweights` entry point in this process (fast); returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.argv", ["fedweights", *args])
+        monkeypatch.setenv("COLUMNS", "200")
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def trained(round_: int, client: str, steps_so_far: int) -> dict:
+    history = [[1.0, Q, steps_so_far]]
+    return {"run": "r1", "round": round_, "client": client, "status": "trained", "noise_multiplier": 1.0,
+            "sample_rate": Q, "steps": 23, "history": history, "epsilon": epsilon(history, DELTA), "delta": DELTA,
+            "accountant": "pld", "max_grad_norm": 1.0, "batch_size": 16, "local_epochs": 1, "n_examples": 360,
+            "grad_sample_mode": "ghost", "budget": 3.0}
+
+
+@pytest.fixture
+def dp_run(tmp_path):
+    """A finished 3-round DP run: client 1 reached its budget in round 3, client 0 did not."""
+    run = RunDir(tmp_path)
+    run.start(RunConfig(clients=2, rounds=3, dp=DPConfig(enabled=True, noise_multiplier=1.0, max_epsilon=3.0)), "r1")
+    ledger = Ledger(tmp_path)
+    for r in (1, 2, 3):
+        run.append_round(RoundRecord(r, 1.0, 1.0, 0.3 * r, 2, 0.1))
+        ledger.append([trained(r, "0", 23 * r)])
+        if r < 3:
+            ledger.append([trained(r, "1", 23 * r)])
+    spent = epsilon([(1.0, Q, 46)], DELTA)
+    ledger.append([{"run": "r1", "round": 3, "client": "1", "status": "exhausted", "epsilon": spent, "budget": 3.0,
+                    "history": [[1.0, Q, 46]], "reason": f"privacy budget exhausted: client 1 has spent epsilon={spent}"}])
+    run.set_status("completed")
+    return tmp_path
+
+
+def test_privacy_json_has_every_client_and_round(dp_run):
+    json_path, _ = write_reports(dp_run)
+    data = json.loads(json_path.read_text())
+    assert data["accountant"] == "pld" and data["delta"] == DELTA and data["status"] == "completed"
+    c0, c1 = data["clients"]["0"], data["clients"]["1"]
+    assert c0["epsilon"] == pytest.approx(epsilon([(1.0, Q, 69)], DELTA))
+    assert c0["steps"] == 69 and c0["rounds_participated"] == 3 and c0["history"] == [[1.0, Q, 69]]
+    assert {k: c0[k] for k in ("noise_multiplier", "max_grad_norm", "sample_rate", "n_examples", "batch_size",
+                               "local_epochs", "budget", "exhausted")} == {
+        "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": Q, "n_examples": 360, "batch_size": 16,
+        "local_epochs": 1, "budget": 3.0, "exhausted": False}
+    assert c1["exhausted"] and c1["exhausted_round"] == 3 and c1["rounds_participated"] == 2
+    assert c1["epsilon"] == pytest.approx(epsilon([(1.0, Q, 46)], DELTA))
+    assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    assert data["rounds"][2]["epsilon_max"] == pytest.approx(c0["epsilon"])
+    assert data["rounds"][2]["epsilon_mean"] == pytest.approx((c0["epsilon"] + c1["epsilon"]) / 2)
+    assert data["rounds"][2]["exhausted"] == 1
+    assert data["ledger"]["entries"] == 6
+
+
+def test_report_html_is_self_contained(dp_run):
+    _, html_path = write_reports(dp_run)
+    page = html_path.read_text()
+    assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{1000,}'", page)) == 2  # ε and accuracy plots
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing to fetch
+    assert "Record-level differential privacy" in page and "except with probability at most δ" in page
+    assert "reached their privacy budget" in page and "noise_multiplier" in page
+
+
+def test_report_cli_prints_the_table_and_refuses_a_run_without_dp(cli, dp_run, tmp_path_factory):
+    code, out, err = cli("report", str(dp_run))
+    assert code == 0, err
+    assert "Privacy spent per client" in out and "budget reached r3" in out and "report.html" in out
+
+    plain = tmp_path_factory.mktemp("plain")
+    RunDir(plain).start(RunConfig(), "r2")
+    code, out, err = cli("report", str(plain))
+    assert code == 2 and "has no privacy ledger" in err
+
+
+def test_privacy_plan_cli_uses_the_run_accounting(cli):
+    code, out, err = cli("privacy", "plan", "--sample-rate", str(256 / 60000), "--noise-multiplier", "1.1", "--epochs",
+                         "60", "--delta", "1e-5", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert set(plan) >= {"epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant"}
+    assert plan["steps"] == 14063 and plan["accountant"] == "pld"
+    assert plan["epsilon"] == pytest.approx(2.38, abs=0.01)
+    assert plan["epsilon"] == epsilon([(1.1, 256 / 60000, 14063)], 1e-5)
+
+    code, out, err = cli("privacy", "plan", "-q", "0.01", "--target-epsilon", "1", "--steps", "1000", "--delta", "1e-5",
+                         "--accountant", "rdp", "--json")
+    plan = json.loads(out)
+    assert plan["noise_multiplier"] == pytest.approx(calibrate_noise(1.0, 0.01, 1000, 1e-5, "rdp"))
+    assert plan["epsilon"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["privacy", "plan", "-q", "0.01", "--noise-multiplier", "0", "--steps", "10", "--delta", "1e-5"], "noise multiplier must be > 0"),
+        (["privacy", "plan", "-q", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "1"], "delta must be in (0, 1)"),
+        (["privacy", "plan", "-q", "0.5", "--target-epsilon", "0.0001", "--steps", "10000", "--delta", "1e-5"], "unreachable"),
+        (["simulate", "--dp", "--noise-multiplier", "-1"], "'dp.noise_multiplier' must be > 0"),
+        (["simulate", "--dp", "--max-grad-norm", "0"], "'dp.max_grad_norm' must be > 0"),
+        (["simulate", "--dp", "--delta", "1.5"], "'dp.delta' must be in (0, 1)"),
+        (["simulate", "--dp", "--target-epsilon", "0.0001"], "'dp.target_epsilon' of 0.0001 is unreachable"),
+        (["simulate", "--dp", "--noise-multiplier", "1", "--max-epsilon", "0.01"], "below what one round costs"),
+    ],
+)
+def test_bad_dp_input_fails_before_training(cli, args, fragment, tmp_path):
+    code, out, err = cli(*args, "--out", str(tmp_path / "run")) if args[0] == "simulate" else cli(*args)
+    assert code == 2, out + err
+    assert fragment in " ".join(err.split())  # rich may wrap the line
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing started
