@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedweights.config import HEConfig, RunConfig, StrategyConfig
+from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig
 from fedweights.crypto.keys import make_keys
 from fedweights.errors import ConfigError, RunFailed
 from fedweights.flower.client_app import evaluate_reply, query_reply, train_reply
@@ -37,6 +37,7 @@ class LocalGrid(Grid):
     def __init__(self, runtime: Runtime, node_configs: dict[int, dict]) -> None:
         self.runtime = runtime
         self.node_configs = node_configs
+        self.contexts: dict[int, Context] = {}  # one per node, kept across rounds (e.g. a DP accountant)
 
     def set_run(self, run):  # noqa: D102 - Grid API
         self._run = run
@@ -61,7 +62,8 @@ class LocalGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+            context = self.contexts.setdefault(node, Context(1, node, {}, RecordDict(), {}))
+            context.node_config = self.node_configs[node]
             try:
                 replies.append(HANDLERS[msg.metadata.message_type](msg, context, self.runtime))
             except Exception as exc:  # what Flower does with an exception in a ClientApp
@@ -184,3 +186,19 @@ def test_fedprox_under_he_sends_mu_to_the_clients(key_pairs):
     he = HEConfig(enabled=True, key=str(good.secret), server_key=str(good.server))
     strategy = build_strategy(RunConfig(strategy=StrategyConfig(name="fedprox", proximal_mu=0.3), he=he))
     assert strategy.train_config == {PROXIMAL_MU_KEY: 0.3} and not strategy.key.is_secret
+
+
+def test_he_with_record_level_dp(tmp_path, key_pairs):
+    """--he --dp: clients train with DP-SGD, then encrypt; the ledger and privacy report are written."""
+    good, _ = key_pairs
+    he = HEConfig(enabled=True, key=str(good.secret), server_key=str(good.server))
+    config = RunConfig(clients=3, rounds=2, seed=3, out=str(tmp_path / "run"), he=he, dp=DPConfig(enabled=True))
+    grid = LocalGrid(Runtime(config), {n: {PARTITION_ID: n - 1, NUM_PARTITIONS: 3} for n in (1, 2, 3)})
+    run_federation(grid, Runtime(config), reporter=RichReporter())
+    run_dir = RunDir(config.out)
+    rounds = run_dir.read_metrics()["rounds"]
+    assert [r["num_clients"] for r in rounds] == [3, 3] and not any(r["failures"] for r in rounds)
+    privacy = json.loads((run_dir.path / "privacy.json").read_text())
+    assert privacy and (run_dir.path / "model.he").exists()
+    model = builtin_task(config).model_fn()
+    model.load_state_dict(decrypt_model_file(run_dir.path / "model.he", good.secret, model))
