@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedweights simulate --clients 4 --rounds 5 --out runs/demo --dp
+	$(BIN)/fedweights simulate --he --dp --clients 4 --rounds 5 --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -66,6 +66,7 @@ class HEConfig:
     enabled: bool = False
     key: str | None = None
     server_key: str | None = None
+    compact: bool = False  # seeded ciphertexts: half the upload bytes, more work for the coordinator
 
     def validate(self) -> None:
         """No range checks yet: key files are checked when they are loaded."""

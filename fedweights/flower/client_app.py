@@ -1,7 +1,8 @@
 """The fedweights ClientApp: trains the global model on the node's own data and evaluates it.
 
-Replies carry ``arrays`` (the locally trained weights) and ``metrics`` with ``num-examples``
-(the aggregation weight) plus ``train_loss`` or ``eval_loss``/``eval_accuracy``.
+Replies carry ``arrays`` (the locally trained weights; with ``--he`` an encrypted, example-weighted
+update, see ``encryption.py``) and ``metrics`` with ``num-examples`` (the aggregation weight) plus
+``train_loss`` or ``eval_loss``/``eval_accuracy``. A query message is answered with ``num-examples``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
@@ -18,6 +19,7 @@ from .. import attacks
 from ..proximal import PROXIMAL_MU_KEY, local_criterion
 from ..task import ClientData
 from ..training import evaluate, make_optimizer, select_device, train_epochs
+from .encryption import plaintext_global, received_state, reply_arrays
 from .runtime import Runtime, node_partition, runtime_from_context
 
 ARRAYS = "arrays"
@@ -38,6 +40,10 @@ def build_client_app(runtime_fn: Callable[[Context], Runtime] = runtime_from_con
     def evaluate_(msg: Message, context: Context) -> Message:
         return evaluate_reply(msg, context, runtime_fn(context))
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return query_reply(msg, context, runtime_fn(context))
+
     return app
 
 
@@ -48,7 +54,7 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     pid, num = node_partition(context, config)
     data = _client_data(runtime, pid, num)
     device = select_device(config.device)
-    model = _model_from(msg, runtime)
+    model = _model_from(msg, context, runtime)
     seed = config.seed * 100_003 + server_round * 1_009 + pid
     train_data = attacks.poison_labels(config.attack, pid, data.train, runtime.task().train_data)
     proximal_mu = float(msg.content[CONFIG].get(PROXIMAL_MU_KEY, 0.0))  # FedProx
@@ -66,10 +72,11 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
         optimizer = make_optimizer(model, config.lr, config.momentum)
         loss = train_epochs(model, loader, optimizer, config.local_epochs, device, local_criterion(model, proximal_mu))
         trained = model.cpu().state_dict()
-    state = attacks.tamper_update(config.attack, pid, msg.content[ARRAYS], trained, seed)
+    start = plaintext_global(msg, context, runtime, model)  # the received model (decrypted under --he)
+    state = attacks.tamper_update(config.attack, pid, start, trained, seed)
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(state),
+            ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime),  # encrypted under --he
             METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
             **privacy,
         }
@@ -82,7 +89,7 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     config = runtime.config
     pid, num = node_partition(context, config)
     data = _client_data(runtime, pid, num)
-    model = _model_from(msg, runtime)
+    model = _model_from(msg, context, runtime)
     loss, accuracy, count = evaluate(model, DataLoader(data.test, batch_size=256), select_device(config.device))
     if count == 0:  # more clients than test examples: this node has nothing to evaluate
         loss, accuracy = 0.0, 0.0
@@ -90,9 +97,16 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def _model_from(msg: Message, runtime: Runtime) -> torch.nn.Module:
+def query_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
+    """Answer the coordinator's question about this node: its number of training examples."""
+    pid, num = node_partition(context, runtime.config)
+    metrics = MetricRecord({NUM_EXAMPLES: len(_client_data(runtime, pid, num).train)})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _model_from(msg: Message, context: Context, runtime: Runtime) -> torch.nn.Module:
     model = runtime.task().model_fn()
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    model.load_state_dict(received_state(msg, context, runtime, model))  # decrypts under --he
     return model
 
 

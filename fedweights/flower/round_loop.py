@@ -23,6 +23,7 @@ from ..errors import RunFailed
 from ..progress import RichReporter
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..strategies import build_strategy, rejected_updates
+from .encryption import is_encrypted, save_encrypted_model
 from .runtime import Runtime
 
 
@@ -120,8 +121,11 @@ def run_federation(
             for hook in hooks:
                 hook.on_round_end(record, arrays)
             reporter.round_finished(record, config.rounds)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        run_dir.save_model(model.state_dict(), {"rounds": str(config.rounds), "format": "pt"})
+        if is_encrypted(arrays):  # --he: the coordinator holds no plaintext model, only the encrypted sum
+            save_encrypted_model(run_dir, arrays)
+        else:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            run_dir.save_model(model.state_dict(), {"rounds": str(config.rounds), "format": "pt"})
     except BaseException as exc:
         run_dir.set_status("failed", error=str(exc) or type(exc).__name__)
         raise
@@ -145,10 +149,12 @@ def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: Ar
     new_arrays, metrics = strategy.aggregate_train(server_round, replies)
     rejected = rejected_updates(strategy, server_round)  # replies update validation excluded
     failures += rejected
-    _require_updates(server_round, len(usable) - len(rejected), len(sent), needed, failures)
+    refused = {item["node"] for item in rejected}  # (--he may also name nodes it never sent to)
+    used = sum(1 for r in usable if str(r.metadata.src_node_id) not in refused)
+    _require_updates(server_round, used, len(sent), needed, failures)
     if new_arrays is None:
         raise RunFailed(f"round {server_round}: the strategy produced no model. Failures: {_summarise(failures)}")
-    return new_arrays, metrics, failures, len(usable) - len(rejected)
+    return new_arrays, metrics, failures, used
 
 
 def _require_updates(server_round: int, usable: int, sent: int, needed: int, failures: list[dict[str, str]]) -> None:

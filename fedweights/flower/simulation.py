@@ -17,6 +17,7 @@ from ..strategies import build_strategy
 from ..task import Task, save_task
 from ..training import select_device
 from .client_app import build_client_app
+from .encryption import prepare_simulation_keys, write_decrypted_model
 from .round_loop import RunResult
 from .runtime import Runtime, fixed_runtime
 from .server_app import build_server_app
@@ -37,11 +38,11 @@ def simulate(
     the run cannot complete.
     """
     config.validate()
-    _refuse_unavailable(config)
     publish_preflight(config)  # registry reachable and accepting our writes, before any process starts
     out = Path(config.out) if config.out else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, out=str(out.resolve()))
+    config = prepare_simulation_keys(config, out)  # --he: a fresh key pair in RUN/keys/ unless he.key is given
     device = select_device(config.device)
     task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
     runtime = Runtime(config, task_file)
@@ -72,12 +73,9 @@ def simulate(
     metrics = RunDir(out).read_metrics()
     if metrics.get("status") != "completed":
         raise RunFailed(f"simulation ended with status {metrics.get('status')!r}: {metrics.get('error', 'unknown error')}")
+    if config.he.enabled:  # the coordinator saved only the encrypted model; this process holds the secret key
+        write_decrypted_model(RunDir(out), config, runtime.task().model_fn())
     return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
-
-
-def _refuse_unavailable(config: RunConfig) -> None:
-    if config.he.enabled:
-        raise UserError("--he (encrypted aggregation) is not available yet in this version; run with --no-he")
 
 
 def _backend_config(clients: int, use_gpu: bool, verbose: bool) -> dict:

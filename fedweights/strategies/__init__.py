@@ -19,8 +19,13 @@ from .validation import ValidatedStrategy, rejected_updates
 
 def build_strategy(config: RunConfig) -> Strategy:
     """The strategy a run uses: the configured one (DP-FedAvg under ``user_dp``), checked against
-    ``--he``, wrapped in update validation on the plaintext path."""
+    ``--he``, wrapped in update validation on the plaintext path. Under ``--he`` it is encrypted
+    FedAvg, which validates the (encrypted) updates itself."""
     check_he_compatible(config)
+    if config.he.enabled:
+        from .encrypted import build_encrypted_strategy
+
+        return build_encrypted_strategy(config)
     strategy = user_dp_strategy(config) if config.user_dp.enabled else make_strategy(config)
     return ValidatedStrategy(strategy, max_norm=config.strategy.max_norm)
 

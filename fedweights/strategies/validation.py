@@ -120,10 +120,10 @@ def update_problem(reply: Message, global_arrays: ArrayRecord, max_norm: float |
 
 
 def rejected_updates(strategy: Strategy, server_round: int) -> list[dict[str, str]]:
-    """The replies ``strategy`` (a ValidatedStrategy) excluded in ``server_round``; [] for others."""
-    if isinstance(strategy, ValidatedStrategy):
-        return list(strategy.rejected.get(server_round, []))
-    return []
+    """The replies ``strategy`` excluded in ``server_round``: any strategy that keeps them in a
+    ``rejected`` dict by round (ValidatedStrategy, the --he EncryptedFedAvg); [] for others."""
+    rejected = getattr(strategy, "rejected", None)
+    return list(rejected.get(server_round, [])) if isinstance(rejected, dict) else []
 
 
 def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:

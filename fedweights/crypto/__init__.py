@@ -1,0 +1,1 @@
+"""Homomorphically encrypted aggregation (TenSEAL BFV): keys, codec, envelope, streaming sum."""
