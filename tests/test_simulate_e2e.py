@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 def test_cli_two_clients_one_round_writes_metrics_and_model(cli, tmp_path):
     out = tmp_path / "run"
-    result = cli("simulate", "--clients", "2", "--rounds", "1", "--no-dp", "--no-he", "--out", str(out))
+    # The default path: simulate starts (and stops) its own private Ray instance.
+    result = cli("simulate", "--clients", "2", "--rounds", "1", "--no-dp", "--no-he", "--out", str(out), env={"FEDWEIGHTS_RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "round 1/1" in result.stdout and "eval_accuracy" in result.stdout  # progress + table
 
@@ -62,8 +64,12 @@ def test_python_api_with_own_model_and_dataset(tmp_path):
 
 def test_is_a_valid_flower_app(tmp_path):
     """`flwr build` accepts the repo's [tool.flwr.app] and bundles the components it names."""
+    app_dir = tmp_path / "app"  # the repo's pyproject + package, without .venv and run outputs
+    app_dir.mkdir()
+    shutil.copy(REPO / "pyproject.toml", app_dir)
+    shutil.copytree(REPO / "fedweights", app_dir / "fedweights", ignore=shutil.ignore_patterns("__pycache__"))
     flwr = [sys.executable, "-c", "from flwr.cli.app import app; app()"]
-    result = subprocess.run([*flwr, "build", "--app", str(REPO)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run([*flwr, "build", "--app", str(app_dir)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     (fab,) = tmp_path.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()

@@ -23,6 +23,9 @@ from .runtime import Runtime, fixed_runtime
 from .server_app import build_server_app
 
 TASK_FILE = ".task.pkl"
+RAY_ADDRESS_ENV = "FEDWEIGHTS_RAY_ADDRESS"
+"""Set to a Ray cluster address (e.g. ``127.0.0.1:6379``) to run simulations on that cluster
+instead of starting a private Ray instance per run (saves ~8 s of start-up per run)."""
 
 
 def simulate(
@@ -80,16 +83,17 @@ def simulate(
 
 def _backend_config(clients: int, use_gpu: bool, verbose: bool) -> dict:
     cpus = os.cpu_count() or 1
+    logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    address = os.environ.get(RAY_ADDRESS_ENV)
+    if address:  # attach to a running Ray cluster (its own CPUs/GPUs) instead of starting one
+        init_args = {"address": address, **logs}
+    else:
+        # "local" starts a private instance even when another Ray cluster runs on this machine.
+        init_args = {"address": "local", "num_cpus": cpus, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False, **logs}
+    # One CPU per client actor; with a GPU, clients share it in equal slices.
     return {
-        # One CPU per client actor; with a GPU, clients share it in equal slices.
         "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / min(clients, cpus) if use_gpu else 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "num_gpus": 1 if use_gpu else 0,
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
+        "init_args": init_args,
     }
 
 

@@ -1,0 +1,62 @@
+"""One Ray head for the whole test session, so each simulated federation attaches (~1 s)
+instead of starting its own Ray instance (~8-10 s). Set FEDWEIGHTS_RAY_ADDRESS yourself to
+use another cluster; tests that check the default path unset it for their run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedweights.flower.simulation import RAY_ADDRESS_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_head(log_dir: Path) -> tuple[subprocess.Popen, str]:
+    """Start a blocking `ray start --head` in its own process group; return it and its address."""
+    port = free_port()
+    ray = Path(sys.executable).parent / "ray"
+    log = open(log_dir / "ray-head.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         f"--num-cpus={os.cpu_count() or 1}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start failed; see {log_dir / 'ray-head.log'}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"127.0.0.1:{port}"
+        time.sleep(0.2)
+    stop_head(proc)
+    raise RuntimeError("ray head did not open its port within 60 s")
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """Stop the head and everything it started (its whole process group)."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+__all__ = ["RAY_ADDRESS_ENV", "start_head", "stop_head"]
