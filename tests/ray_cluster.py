@@ -46,17 +46,18 @@ def start_head(log_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def stop_head(proc: subprocess.Popen) -> None:
-    """Stop the head and everything it started (its whole process group)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop the head (SIGINT: `ray start --block` then shuts its cluster down), then make sure
+    nothing of its process group is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=5)
 
 
 __all__ = ["RAY_ADDRESS_ENV", "start_head", "stop_head"]
