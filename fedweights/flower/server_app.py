@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from ..progress import RichReporter
+from .fast_grid import FastPollGrid
 from .round_loop import run_federation
 from .runtime import Runtime, runtime_from_context
 
@@ -21,6 +23,8 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if isinstance(grid, HttpGrid):  # deployment: poll for replies faster than Flower's 3 s
+            grid = FastPollGrid(grid)
         run_federation(grid, runtime_fn(context), reporter=reporter)
 
     return app
