@@ -50,13 +50,16 @@ def client_command(
         None, "--state-dir", help="Where this node keeps state across restarts (default: ~/.fedweights/nodes/NAME)."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Talk to an --insecure server (no TLS)."),
+    register_wait: float = typer.Option(
+        60.0, "--register-wait", help="Seconds to keep retrying while the server refuses this node's key."
+    ),
 ) -> None:
     """Start a Flower SuperNode that trains on this node's data whenever the server runs a round."""
     from ..deploy.client import ClientSecurity, NodeSettings, run_client
 
     security = ClientSecurity(root_cert, node_key, insecure)
     settings = NodeSettings(partition, data, device, he_key, state_dir)
-    run_client(server, security, settings, console=console)
+    run_client(server, security, settings, console=console, register_wait=register_wait)
 
 
 @keys_app.command("tls")

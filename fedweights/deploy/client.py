@@ -19,6 +19,7 @@ from ..flower import runtime as keys
 from .processes import ProcessGroup, flower_executable, free_port, split_address
 
 EXIT_AUTH_FAILED = 305  # Flower: the SuperLink refused this node (API error 2004)
+REGISTER_WAIT_SECONDS = 60.0
 
 
 class NodeNotAuthorized(UserError):
@@ -103,8 +104,17 @@ def node_name(security: ClientSecurity, settings: NodeSettings) -> str:
     return Path(settings.data or "node").stem
 
 
-def run_client(server: str, security: ClientSecurity, settings: NodeSettings, console: Console | None = None) -> int:
-    """Run a SuperNode connected to ``server`` until it stops or we are interrupted; its exit code."""
+def run_client(
+    server: str,
+    security: ClientSecurity,
+    settings: NodeSettings,
+    console: Console | None = None,
+    register_wait: float = REGISTER_WAIT_SECONDS,
+) -> int:
+    """Run a SuperNode connected to ``server`` until it stops or we are interrupted; its exit code.
+
+    A node the server refuses is retried for ``register_wait`` seconds before giving up.
+    """
     console = console or Console()
     split_address(server, "--server")
     security.validate()
@@ -122,14 +132,22 @@ def run_client(server: str, security: ClientSecurity, settings: NodeSettings, co
         argv += ["--root-certificates", str(Path(security.root_cert).resolve())]
     if security.node_key is not None:
         argv += ["--auth-supernode-private-key", str(Path(security.node_key).resolve())]
-    with ProcessGroup(state_dir / "logs") as group:
-        supernode = group.start("supernode", argv)
-        console.print(f"client {name}: SuperNode connecting to {server} (logs: {state_dir / 'logs'})")
-        while supernode.poll() is None:
-            time.sleep(0.2)
-        code = supernode.returncode
-        log = group.log_tail("supernode", 40)
-    if code == EXIT_AUTH_FAILED or "code: 2004" in log:
+    console.print(f"client {name}: SuperNode connecting to {server} (logs: {state_dir / 'logs'})")
+    deadline = time.monotonic() + register_wait
+    while True:
+        with ProcessGroup(state_dir / "logs") as group:
+            supernode = group.start("supernode", argv)
+            while supernode.poll() is None:
+                time.sleep(0.2)
+            code = supernode.returncode
+            log = group.log_tail("supernode", 40)
+        refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
+        if not refused or time.monotonic() >= deadline:
+            break
+        # A server registers node keys just after its SuperLink starts: a node that was quicker retries.
+        console.print("the server refused this node (key not registered yet?); retrying")
+        time.sleep(2)
+    if refused:
         pub = f"{security.node_key}.pub" if security.node_key else "this node's NAME.pub"
         raise NodeNotAuthorized(NOT_REGISTERED.format(pub=pub))
     if code != 0:

@@ -96,8 +96,7 @@ def run_server(
         scheme = "http" if security.insecure else "https"
         wait_healthy(f"{scheme}://{connect}:{port}/health", superlink, "the SuperLink (see deploy/logs/superlink.log)")
         if security.authorized_nodes:
-            for key in authorized_keys(security.authorized_nodes):
-                _register(group, key)
+            _register(group, authorized_keys(security.authorized_nodes))
         console.print(f"SuperLink listening on {host}:{port} ({'insecure' if security.insecure else 'TLS'}); "
                       f"waiting for {config.wait_for_clients} client(s)")
         _stream_run(group, app_dir, console, verbose)
@@ -132,12 +131,20 @@ def _superlink_argv(host: str, port: int, database: Path, security: ServerSecuri
     return [*argv, "--enable-supernode-auth"] if security.authorized_nodes else argv
 
 
-def _register(group: ProcessGroup, public_key: Path) -> None:
-    """``flwr supernode register KEY.pub``; a key the SuperLink database already holds is fine."""
-    argv = [flower_executable("flwr"), "supernode", "register", str(public_key.resolve()), FEDERATION]
-    result = subprocess.run(argv, env=group.env, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0 and "already" not in (result.stdout + result.stderr).lower():
-        raise UserError(f"registering node key {public_key} failed: {(result.stdout + result.stderr).strip()[-500:]}")
+def _register(group: ProcessGroup, public_keys: list[Path]) -> None:
+    """``flwr supernode register KEY.pub`` for every key, in parallel; keys already registered are fine."""
+    flwr = flower_executable("flwr")
+    runs = {
+        key: subprocess.Popen(
+            [flwr, "supernode", "register", str(key.resolve()), FEDERATION],
+            env=group.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for key in public_keys
+    }
+    for key, proc in runs.items():
+        output, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0 and "already" not in output.lower():
+            raise UserError(f"registering node key {key} failed: {output.strip()[-500:]}")
 
 
 def _stream_run(group: ProcessGroup, app_dir: Path, console: Console, verbose: bool) -> None:
