@@ -127,3 +127,19 @@ def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, 
         assert code == 0, out
         assert "user-level epsilon" in out and (run_dir.path / "privacy.json").exists()
         assert ("Privacy spent per client" in out) == (name == "both")
+
+
+def test_rounds_with_an_empty_sample_still_count(tmp_path):
+    """Poisson sampling may pick nobody: the central DP-FedAvg round still releases a noised model, so
+    the account counts it (the round loop calls the hook with no replies)."""
+    from fedweights.privacy.user_level_report import UserLevelPrivacyFile
+
+    config = RunConfig(clients=10, rounds=3, out=str(tmp_path / "run"),
+                       user_dp=UserDPConfig(enabled=True, noise_multiplier=1.5, clients_per_round=2))
+    run_dir = RunDir(config.out)
+    run_dir.start(config, run_id="r1")
+    hook = UserLevelPrivacyFile(config, run_dir)
+    for server_round in (1, 2):
+        hook.on_train_replies(server_round, [])
+    user = json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]
+    assert user["rounds"] == 2 and user["epsilon"] == epsilon([(1.5, 0.2, 2)], 1e-5) > 0
