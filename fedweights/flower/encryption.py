@@ -108,7 +108,7 @@ def reply_metrics(msg: Message, runtime: Runtime) -> dict[str, int]:
     share was calibrated for (the coordinator's privacy file accounts the round with it)."""
     if not (runtime.config.he.enabled and runtime.config.user_dp.enabled):
         return {}
-    from ..privacy.user_level_report import COHORT_METRIC
+    from ..privacy.distributed import COHORT_METRIC
 
     return {COHORT_METRIC: int(msg.content[CONFIG].get(NORMALISER, 0))}
 

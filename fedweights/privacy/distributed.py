@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+COHORT_METRIC = "user-dp-cohort"  # train-reply metric: the cohort size the client's share assumed
+
 
 def noise_share_std(noise_multiplier: float, clipping_norm: float, cohort: int) -> float:
     """Std of one client's share when ``cohort`` clients were sampled: z·S/sqrt(n)."""

@@ -22,10 +22,10 @@ from ..fileio import atomic_write_json
 from ..flower.round_loop import RoundHooks
 from ..run_dir import RoundRecord, RunDir
 from .accounting import Entry
+from .distributed import COHORT_METRIC
 from .user_level import planned_guarantee, rounds_epsilon
 
 USER_PRIVACY_FILE = "user_privacy.json"
-COHORT_METRIC = "user-dp-cohort"  # train-reply metric under --he: the cohort size the client's share assumed
 
 GUARANTEE_NOTE = (
     "Client-level (user-level) DP of every released global model: central DP-FedAvg, the server is "
