@@ -168,7 +168,7 @@ def test_coordinator_refuses_a_secret_key(tmp_path, key_pairs):
 @pytest.mark.parametrize(
     ("strategy", "key", "reason"),
     [
-        (StrategyConfig(name="fedavgm"), "strategy.name", "runs fedavg or fedprox"),
+        (StrategyConfig(name="trimmed-mean"), "strategy.name", "not linear in the updates"),
         (StrategyConfig(name="median"), "strategy.name", "not linear in the updates"),
         (StrategyConfig(max_norm=5.0), "strategy.max_norm", "cannot be checked on encrypted updates"),
     ],

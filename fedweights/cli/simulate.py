@@ -103,7 +103,7 @@ def simulate_command(
 
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
-    if run_config.dp.enabled:  # end with the privacy table and where report.html is
+    if run_config.dp.enabled or run_config.user_dp.enabled:  # end with the privacy report and where report.html is
         from ..privacy.report import print_privacy_report
 
         print_privacy_report(result.run_dir, console)
