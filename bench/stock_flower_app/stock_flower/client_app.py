@@ -54,7 +54,8 @@ def train(msg: Message, context: Context) -> Message:
     data = _partition(context)
     model = _model(msg)
     server_round = int(msg.content["config"]["server-round"])
-    generator = torch.Generator().manual_seed(CONFIG.seed * 100_003 + server_round * 1_009)
+    pid = int(context.node_config["partition-id"])  # the same shuffling seed fedweights uses
+    generator = torch.Generator().manual_seed(CONFIG.seed * 100_003 + server_round * 1_009 + pid)
     loader = DataLoader(data.train, batch_size=CONFIG.batch_size, shuffle=True, generator=generator)
     work = time.time()
     loss = train_epochs(model, loader, make_optimizer(model, CONFIG.lr, CONFIG.momentum), 1, torch.device("cpu"))
