@@ -206,11 +206,28 @@ def test_kubernetes_secrets_are_read_only_and_per_client(k8s_objects):
         pod = deployment["spec"]["template"]["spec"]
         args = flags(pod["containers"][0]["args"])
         assert args["server"] == f"{SERVER_NAME}:{SERVER_PORT}"
-        secret_of = _check_secret_mounts(pod, {"root-cert": None, "node-key": None})
-        key_secrets.add(secret_of["node-key"])
+        _check_secret_mounts(pod, {"root-cert": None})
+        key_secrets.add(_node_key_secret(pod, args["node-key"]))
         partitions.add(args["partition"])
         assert deployment["spec"]["replicas"] == 1, "two pods must never share one node identity"
     assert len(key_secrets) == 2 and partitions == {"0/2", "1/2"}
+
+
+def _node_key_secret(pod: dict, key_path: str) -> str:
+    """The Secret a client's node key comes from. ``fedweights client`` wants an owner-only (0600)
+    key, so an init container copies it from the read-only Secret into a memory volume."""
+    mount_of = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    key_mount = mount_of[str(Path(key_path).parent)]
+    assert key_mount.get("readOnly") is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[key_mount["name"]]["emptyDir"]["medium"] == "Memory", "the key copy must not touch disk"
+    (init,) = pod["initContainers"]
+    mode, source, target = init["command"][-3:]
+    assert init["command"][0] == "install" and mode == "0600" and target == key_path
+    source_mount = next(m for m in init["volumeMounts"] if Path(source).is_relative_to(m["mountPath"]))
+    assert source_mount.get("readOnly") is True
+    assert "runAsUser" not in init.get("securityContext", {}), "the copy must belong to the pod's non-root user"
+    return volumes[source_mount["name"]]["secret"]["secretName"]
 
 
 def _check_secret_mounts(pod: dict, arg_names: dict) -> dict[str, str]:
@@ -319,6 +336,49 @@ def test_healthcheck_fails_when_nothing_listens():
         timeout=30,
     )
     assert result.returncode == 1 and "unhealthy" in result.stderr
+
+
+def _fake_proc(root: Path, processes: dict[int, list[str]]) -> Path:
+    for pid, argv in processes.items():
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (root / "self").mkdir()  # non-numeric entries are skipped
+    return root
+
+
+@pytest.mark.parametrize(("status", "exit_code"), [(200, 0), (503, 1)])
+def test_healthcheck_finds_the_clients_supernode_port(tmp_path, status, exit_code):
+    """A client's SuperNode listens on a port `fedweights client` picks; the probe reads it from /proc."""
+    handler = type("Handler", (_Health,), {"status": status})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proc = _fake_proc(tmp_path / "proc", {
+        1: ["/usr/local/bin/python3.11", "/usr/local/bin/fedweights", "client", "--server=fedweights-server:9092"],
+        42: ["/usr/local/bin/python3.11", "/usr/local/bin/flower-supernode", "--superlink", "fedweights-server:9092",
+             "--port", str(server.server_port)],
+    })  # fmt: skip
+    try:
+        result = subprocess.run(
+            [sys.executable, str(DEPLOY / "healthcheck.py")],
+            env={"FEDWEIGHTS_HEALTH_PROC": str(proc)},
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == exit_code
+
+
+def test_healthcheck_without_a_supernode_is_unhealthy(tmp_path):
+    proc = _fake_proc(tmp_path / "proc", {1: ["/usr/local/bin/python3.11", "/usr/local/bin/fedweights", "client"]})
+    result = subprocess.run(
+        [sys.executable, str(DEPLOY / "healthcheck.py")],
+        env={"FEDWEIGHTS_HEALTH_PROC": str(proc)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and "no flower-supernode" in result.stderr
 
 
 # ---------------------------------------------------------------- the CLI contract
