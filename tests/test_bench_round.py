@@ -30,7 +30,9 @@ def test_round_breakdown_splits_each_exchange():
     assert train["dispatch"] == 1.5 and train["startup"] == 3.5 and train["work"] == 2.5 and train["return"] == 2.5
     assert train["train_s"] == 2.0 and train["exchange"] == 10.0
     evaluate = result["per_exchange"]["evaluate"]
-    assert evaluate == {"dispatch": 1.0, "startup": 3.5, "import_s": 2.0, "work": 0.5, "return": 1.0, "exchange": 6.0}
+    assert evaluate == {
+        "dispatch": 1.0, "startup": 3.5, "import_s": 2.0, "flower_startup": 1.5, "work": 0.5, "return": 1.0, "exchange": 6.0
+    }  # fmt: skip
     assert result["per_round"] == {"dispatch": 2.5, "startup": 7.0, "work": 3.0, "return": 3.5}
     assert result["dominant"] == "startup"
 

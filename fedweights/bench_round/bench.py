@@ -132,6 +132,8 @@ def _summarise(rounds, repeats, up_s, fedweights_runs, stock_runs, imports) -> d
             "stock_flower": _setup(stock_runs, theirs),
         },
         "ratio": round(ratio, 3),
+        # same model, data and training: both apps must end on the same global model
+        "same_final_accuracy": len({r["eval_accuracy"][-1] for r in fedweights_runs + stock_runs}) == 1,
         "target": f"fedweights <= {TARGET_RATIO}x stock Flower (mean seconds per round)",
         "met": ratio <= TARGET_RATIO,
         "breakdown": breakdown,
@@ -157,6 +159,7 @@ def round_breakdown(records: list[dict]) -> dict:
     SuperNode poll, SuperExec task poll, process spawn), ``startup`` (process start → handler runs:
     interpreter, imports incl. ``import_s``, fetching the message), ``work`` (the handler; ``train_s``
     is the training loop alone) and ``return`` (handler done → the ServerApp holds every reply).
+    ``flower_startup`` is start-up minus the app's own imports: interpreter, flwr, fetching the app and message.
     """
     parts: dict[str, dict[str, list[float]]] = {}
     for record in records:
@@ -166,7 +169,8 @@ def round_breakdown(records: list[dict]) -> dict:
                 values = {
                     "dispatch": node["t_process"] - record[sent],
                     "startup": node["t_handler"] - node["t_process"],
-                    "import_s": node["import_s"],
+                    "import_s": node["import_s"],  # part of startup: torch + the app module
+                    "flower_startup": node["t_handler"] - node["t_process"] - node["import_s"],
                     "work": node["t_done"] - node["t_handler"],
                     "return": record[back] - node["t_done"],
                 }
