@@ -11,7 +11,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedweights.flower.client_app import evaluate_reply, query_reply, train_reply
-from fedweights.flower.runtime import Runtime
+from fedweights.flower.runtime import NUM_PARTITIONS, PARTITION_ID, Runtime
 
 HANDLERS = {"train": train_reply, "evaluate": evaluate_reply, "query": query_reply}
 
@@ -57,3 +57,53 @@ class LocalGrid(Grid):
             except Exception as exc:  # what Flower does with an exception in a ClientApp
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         return replies
+
+
+class FaultyGrid(LocalGrid):
+    """A LocalGrid whose nodes misbehave as a test asks.
+
+    ``crash_once``: (node, round) pairs whose first train message of that round fails, as a
+    ClientApp that raises (an error reply). ``die_in_round``: node → round in which the node dies
+    while training: it never replies and is no longer connected.
+    """
+
+    def __init__(self, runtime, node_configs, crash_once=(), die_in_round=None) -> None:
+        super().__init__(runtime, node_configs)
+        self.crash_once = set(crash_once)
+        self.die_in_round = dict(die_in_round or {})
+        self.dead: set[int] = set()
+
+    def get_node_ids(self):  # noqa: D102 - Grid API
+        return [n for n in self.node_configs if n not in self.dead]
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+        delivered, failed = [], []
+        for msg in messages:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+            if kind == "train" and self.die_in_round.get(node) == server_round:
+                self.dead.add(node)
+            if node in self.dead:
+                continue  # no reply within the timeout
+            if kind == "train" and (node, server_round) in self.crash_once:
+                self.crash_once.discard((node, server_round))
+                failed.append(Message(Error(code=0, reason="RuntimeError: out of memory"), reply_to=msg))
+                continue
+            delivered.append(msg)
+        return super().send_and_receive(delivered, timeout=timeout) + failed
+
+
+def node_configs(count: int) -> dict[int, dict]:
+    """Node id → node config for ``count`` nodes with partitions 0..count-1."""
+    return {n: {PARTITION_ID: n - 1, NUM_PARTITIONS: count} for n in range(1, count + 1)}
+
+
+def act_as_serverapp_process() -> None:
+    """What Flower sets in a ServerApp process before messages can be created; one torch thread,
+    as each simulated client gets (tiny models on a busy machine crawl otherwise)."""
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        setattr(TaskIdentity, attr, value)
+    torch.set_num_threads(1)
