@@ -98,12 +98,16 @@ def node_configs(count: int) -> dict[int, dict]:
     return {n: {PARTITION_ID: n - 1, NUM_PARTITIONS: count} for n in range(1, count + 1)}
 
 
-def act_as_serverapp_process() -> None:
-    """What Flower sets in a ServerApp process before messages can be created; one torch thread,
+SERVERAPP_IDENTITY = (("_run_id", 1), ("_node_id", 0), ("_task_id", 1))
+"""What Flower sets on ``TaskIdentity`` in a ServerApp process before messages can be created."""
+
+
+def act_as_serverapp_process(setattr_=setattr) -> None:
+    """Set the ServerApp identity (through ``setattr_``, e.g. a monkeypatch's) and one torch thread,
     as each simulated client gets (tiny models on a busy machine crawl otherwise)."""
     import torch
     from flwr.supercore.task_identity import TaskIdentity
 
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        setattr(TaskIdentity, attr, value)
+    for attr, value in SERVERAPP_IDENTITY:
+        setattr_(TaskIdentity, attr, value)
     torch.set_num_threads(1)

@@ -34,9 +34,9 @@ from .local_grid import LocalGrid, act_as_serverapp_process, node_configs
 
 
 @pytest.fixture(autouse=True)
-def serverapp_process():
+def serverapp_process(monkeypatch):
     threads = torch.get_num_threads()
-    act_as_serverapp_process()
+    act_as_serverapp_process(monkeypatch.setattr)
     yield
     torch.set_num_threads(threads)
 
@@ -271,3 +271,17 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "state.json", "strategy.safetensors"]
     assert set(load_file(str(folder / "model.safetensors"))) == set(run_dir.load_model())
     assert json.loads((folder / "state.json").read_text())["round"] == 1
+
+
+@pytest.mark.slow
+def test_a_simulation_resumes_from_its_checkpoint(tmp_path):
+    """On Flower's simulation engine (Ray): new node ids after the restart, same run."""
+    from fedweights.flower.simulation import simulate
+
+    first = simulate(RunConfig(clients=2, rounds=1, out=str(tmp_path / "run")))
+    run_id = RunDir(first.run_dir).read_metrics()["run_id"]
+    result = simulate(resume_config(first.run_dir, {"rounds": 2}))
+    metrics = RunDir(result.run_dir).read_metrics()
+    assert metrics["run_id"] == run_id and metrics["status"] == "completed"
+    assert [r.round for r in result.rounds] == [1, 2] and result.rounds[0] == first.rounds[0]
+    assert load_checkpoint(result.run_dir).round == 2 and result.final_accuracy > 0.5

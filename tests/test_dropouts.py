@@ -22,9 +22,9 @@ from .local_grid import FaultyGrid, act_as_serverapp_process, node_configs
 
 
 @pytest.fixture(autouse=True)
-def serverapp_process():
+def serverapp_process(monkeypatch):
     threads = torch.get_num_threads()
-    act_as_serverapp_process()
+    act_as_serverapp_process(monkeypatch.setattr)
     yield
     torch.set_num_threads(threads)
 
