@@ -16,10 +16,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
-from fedweights.config import DPConfig, RunConfig, StrategyConfig
+from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig
+from fedweights.crypto.keys import make_keys
 from fedweights.errors import ConfigError
 from fedweights.flower import checkpoint as ckpt
 from fedweights.flower.checkpoint import CheckpointError, load_checkpoint, resume_config, write_checkpoint
+from fedweights.flower.encryption import decrypt_model_file, is_encrypted
 from fedweights.flower.round_loop import run_federation
 from fedweights.flower.runtime import Runtime
 from fedweights.flower.strategy_state import StrategyState
@@ -285,3 +287,19 @@ def test_a_simulation_resumes_from_its_checkpoint(tmp_path):
     assert metrics["run_id"] == run_id and metrics["status"] == "completed"
     assert [r.round for r in result.rounds] == [1, 2] and result.rounds[0] == first.rounds[0]
     assert load_checkpoint(result.run_dir).round == 2 and result.final_accuracy > 0.5
+
+
+def test_an_encrypted_run_resumes_from_its_encrypted_checkpoint(tmp_path):
+    """--he: the checkpoint holds the encrypted global sum; the resumed run decrypts to the same model."""
+    keys = make_keys(tmp_path / "keys")
+    he = HEConfig(enabled=True, key=str(keys.secret), server_key=str(keys.server))
+    whole = federate(RunConfig(clients=2, rounds=2, seed=4, out=str(tmp_path / "whole"), he=he))
+    part = federate(RunConfig(clients=2, rounds=1, seed=4, out=str(tmp_path / "part"), he=he))
+    checkpoint = load_checkpoint(part.path)
+    assert is_encrypted(checkpoint.arrays) and (part.path / "checkpoint" / "round-000001" / "model.he").is_file()
+    assert checkpoint.strategy_tree["strategy"]["attributes"]["counts"]  # the example counts it learnt
+    federate(resume_config(part.path, {"rounds": 2}))
+    model = builtin_task(RunConfig()).model_fn()
+    expected = decrypt_model_file(whole.path / "model.he", keys.secret, model)
+    for name, tensor in decrypt_model_file(part.path / "model.he", keys.secret, model).items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name

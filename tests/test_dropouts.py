@@ -82,3 +82,15 @@ def test_stop_keeps_the_last_checkpoint_and_resume_finishes_the_run(tmp_path):
     metrics = run_dir.read_metrics()
     assert metrics["status"] == "completed" and "error" not in metrics
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and len(metrics["failed_attempts"]) == 1
+
+
+def test_a_client_gone_for_good_skips_evaluation_then_stops_the_run_with_its_checkpoint(tmp_path):
+    """min_clients unset: every client is needed. Node 2 dies while training in round 1."""
+    config = RunConfig(clients=2, rounds=3, round_timeout=1, out=str(tmp_path / "run"))
+    with pytest.raises(RunFailed, match=r"round 2: only 1 node\(s\) connected, 2 needed.*checkpoint of round 1 is kept"):
+        federate(config, nodes=2, die_in_round={2: 1})
+    metrics = RunDir(config.out).read_metrics()
+    (round1,) = metrics["rounds"]  # trained on the one reply, kept, but not evaluated
+    assert round1["num_clients"] == 1 and round1["eval_loss"] is None
+    assert "evaluation skipped: round 1 evaluation: only 1 node(s) connected" in round1["failures"][-1]["reason"]
+    assert load_checkpoint(config.out).round == 1 and metrics["status"] == "failed"

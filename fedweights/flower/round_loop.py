@@ -168,7 +168,9 @@ def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: in
                 reporter.console.print(f"[yellow]round {server_round}, attempt {attempt} failed[/yellow]: {exc}; retrying")
                 continue
             tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
-            kept = f"the checkpoint of round {server_round - 1} is kept: resume the run with --resume" if server_round > 1 else "no round completed"
+            kept = "no round completed"
+            if server_round > 1:
+                kept = f"the checkpoint of round {server_round - 1} is kept: resume the run with --resume"
             raise RunFailed(f"{exc}{tries}. The run stopped; {kept}") from exc
     raise AssertionError("unreachable")
 

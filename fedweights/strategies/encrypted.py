@@ -57,6 +57,7 @@ class EncryptedFedAvg(FedAvg):
     """
 
     linear_in_updates = True
+    checkpoint_exclude = ("layout",)  # learnt again from the global model each round
 
     def __init__(
         self, key: HEKey, query_timeout: float = 600.0, train_config: dict | None = None, **fedavg_kwargs
