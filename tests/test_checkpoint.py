@@ -303,3 +303,19 @@ def test_an_encrypted_run_resumes_from_its_encrypted_checkpoint(tmp_path):
     expected = decrypt_model_file(whole.path / "model.he", keys.secret, model)
     for name, tensor in decrypt_model_file(part.path / "model.he", keys.secret, model).items():
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
+
+
+def test_a_run_whose_strategy_state_cannot_be_captured_refuses_to_resume(tmp_path):
+    config = RunConfig(clients=2, rounds=1, out=str(tmp_path / "run"), strategy=StrategyConfig(name="tests.test_checkpoint:Counter"))
+    federate(config)
+    with pytest.raises(CheckpointError, match=r"Counter.seen \(object\).*state_dict\(\)/load_state_dict\(\)"):
+        federate(resume_config(config.out, {"rounds": 2}))
+
+
+def test_a_new_run_in_an_old_run_directory_archives_its_checkpoint(tmp_path):
+    first = federate(fedavgm(tmp_path / "run", rounds=1))
+    old_id = first.read_metrics()["run_id"]
+    second = federate(fedavgm(tmp_path / "run", rounds=1))
+    (archived,) = (second.path / "archive").glob(f"{old_id}-checkpoint-*")
+    assert load_checkpoint(second.path).run_id == second.read_metrics()["run_id"] != old_id
+    assert json.loads((archived / "manifest.json").read_text())["run_id"] == old_id

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import shutil
 import time
@@ -45,6 +46,8 @@ from ..fileio import _fsync_dir, atomic_write_bytes, atomic_write_json
 from ..run_dir import METRICS_FILE, RoundRecord, RunDir
 from .round_loop import RoundHooks
 from .strategy_state import StateError, StrategyState
+
+log = logging.getLogger("fedweights.checkpoint")
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST_FILE = "manifest.json"
@@ -91,8 +94,10 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
-def write_checkpoint(run_dir: str | Path, run_id: str, server_round: int, arrays: ArrayRecord, state: StrategyState) -> Path:
-    """Atomically make ``RUN/checkpoint`` hold round ``server_round``; return its folder."""
+def write_checkpoint(
+    run_dir: str | Path, run_id: str, server_round: int, arrays: ArrayRecord, state: StrategyState
+) -> dict[str, Any]:
+    """Atomically make ``RUN/checkpoint`` hold round ``server_round``; return the manifest written."""
     root = checkpoint_dir(run_dir)
     folder = root / f"round-{server_round:06d}"
     if folder.exists():  # left over by a crash before its manifest was written (never the current one)
@@ -115,12 +120,12 @@ def write_checkpoint(run_dir: str | Path, run_id: str, server_round: int, arrays
     _fsync_dir(folder)
     files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
     manifest = {"format": FORMAT, "run_id": run_id, "round": server_round, "dir": folder.name, "files": files,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+                "uncaptured": uncaptured, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     atomic_write_json(root / MANIFEST_FILE, manifest)  # the commit point
     for other in root.glob("round-*"):
         if other != folder:
             shutil.rmtree(other, ignore_errors=True)
-    return folder
+    return manifest
 
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint:
@@ -161,15 +166,36 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         raise CheckpointError(f"{damaged}: {type(exc).__name__}: {exc}") from None
 
 
+def archive_checkpoint(run_dir: str | Path) -> Path | None:
+    """Move another run's checkpoint out of the way (to ``archive/<its run id>-checkpoint-<time>/``)
+    when a new run starts in ``run_dir``; nothing is deleted. Return where it went, if anywhere."""
+    root = checkpoint_dir(run_dir)
+    if not root.exists():
+        return None
+    try:
+        old_run = str(json.loads((root / MANIFEST_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        old_run = "unknown"
+    target = Path(run_dir) / "archive" / f"{old_run}-checkpoint-{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    root.replace(target)
+    return target
+
+
 class CheckpointHooks(RoundHooks):
     """Writes a checkpoint after every completed round (on in every run)."""
 
     def __init__(self, run_dir: RunDir, run_id: str, state: StrategyState) -> None:
         self.run_dir, self.run_id, self.state = run_dir, run_id, state
+        self._warned = False
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Checkpoint the round just recorded."""
-        write_checkpoint(self.run_dir.path, self.run_id, record.round, arrays, self.state)
+        uncaptured = write_checkpoint(self.run_dir.path, self.run_id, record.round, arrays, self.state)["uncaptured"]
+        if uncaptured and not self._warned:
+            self._warned = True
+            log.warning("this run cannot be resumed: the strategy keeps state checkpoints cannot hold: %s; "
+                        "give it state_dict()/load_state_dict() methods", ", ".join(uncaptured))  # fmt: skip
 
 
 def resume_run(run_dir: RunDir, config: RunConfig, state: StrategyState) -> ResumePoint:

@@ -91,7 +91,7 @@ def run_federation(
     in ``config.out`` continues after its last checkpoint. Waiting for nodes is bounded by
     ``round_timeout``; a failed round stops the run or is retried (``on_round_timeout``).
     """
-    from .checkpoint import CheckpointHooks, resume_run
+    from .checkpoint import CheckpointHooks, archive_checkpoint, resume_run
     from .strategy_state import StrategyState
 
     config = runtime.config
@@ -108,6 +108,9 @@ def run_federation(
         run_id, first_round, arrays, records = point.run_id, point.next_round, point.arrays, point.records
     else:
         run_id, first_round, arrays = uuid.uuid4().hex[:12], 1, ArrayRecord(model.state_dict())
+        archived = archive_checkpoint(run_dir.path)  # a new run in an old run's directory
+        if archived is not None:
+            reporter.console.print(f"[yellow]a new run: the previous run's checkpoint moved to {archived}[/yellow]")
         run_dir.start(config, run_id=run_id)
     hooks = [CheckpointHooks(run_dir, run_id, state), *build_hooks(runtime, run_dir), *hooks]
     grid = BoundedNodeWait(grid)
