@@ -2,9 +2,9 @@
 
 After each completed round the round loop's ``CheckpointHooks`` writes, into ``RUN/checkpoint/``::
 
-    manifest.json          {"format": 1, "run_id", "round", "dir": "round-000003",
-                            "files": {"state.json": {"sha256", "bytes"}, ...}, "time"}
-    round-000003/
+    manifest.json          {"format": 1, "run_id", "round", "dir": "round-000003-<nonce>",
+                            "files": {"state.json": {"sha256", "bytes"}, ...}, "uncaptured", "time"}
+    round-000003-<nonce>/
       model.safetensors    the global arrays (numpy safetensors; key order in the metadata), or
       model.he             under --he: the encrypted global sum (as ``model.he`` of a finished run)
       strategy.safetensors binary parts of the strategy's state (see ``strategy_state``)
@@ -30,6 +30,7 @@ import logging
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,7 @@ def write_checkpoint(
 ) -> dict[str, Any]:
     """Atomically make ``RUN/checkpoint`` hold round ``server_round``; return the manifest written."""
     root = checkpoint_dir(run_dir)
-    folder = root / f"round-{server_round:06d}"
-    if folder.exists():  # left over by a crash before its manifest was written (never the current one)
-        shutil.rmtree(folder)
+    folder = root / f"round-{server_round:06d}-{uuid.uuid4().hex[:8]}"  # never a folder the manifest names
     folder.mkdir(parents=True)
     tree, blobs, uncaptured = state.capture()
     if is_encrypted(arrays):
@@ -118,11 +117,12 @@ def write_checkpoint(
     }
     atomic_write_json(folder / STATE_FILE, payload)
     _fsync_dir(folder)
+    _fsync_dir(root)
     files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
     manifest = {"format": FORMAT, "run_id": run_id, "round": server_round, "dir": folder.name, "files": files,
                 "uncaptured": uncaptured, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     atomic_write_json(root / MANIFEST_FILE, manifest)  # the commit point
-    for other in root.glob("round-*"):
+    for other in root.glob("round-*"):  # older rounds, and folders of writes a crash interrupted
         if other != folder:
             shutil.rmtree(other, ignore_errors=True)
     return manifest
