@@ -8,6 +8,7 @@ import math
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -319,3 +320,36 @@ def test_a_new_run_in_an_old_run_directory_archives_its_checkpoint(tmp_path):
     (archived,) = (second.path / "archive").glob(f"{old_id}-checkpoint-*")
     assert load_checkpoint(second.path).run_id == second.read_metrics()["run_id"] != old_id
     assert json.loads((archived / "manifest.json").read_text())["run_id"] == old_id
+
+
+WRITER_SCRIPT = """
+import sys
+import time
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg
+from fedweights.flower.checkpoint import write_checkpoint
+from fedweights.flower.strategy_state import StrategyState
+
+state = StrategyState(FedAvg())
+for server_round in range(1, 10_000):  # each round's model is filled with its round number
+    arrays = ArrayRecord({"w": Array(np.full(1_000_000, server_round, dtype=np.float32))})
+    write_checkpoint(sys.argv[1], "r1", server_round, arrays, state)
+    print(server_round, flush=True)
+"""
+
+
+def test_kill_nine_while_checkpointing_leaves_a_complete_checkpoint(tmp_path):
+    """SIGKILL a process that checkpoints back to back, at a random moment: what is left is whole."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE)
+    try:
+        for line in writer.stdout:
+            if int(line) >= 3:
+                break
+        time.sleep(random.uniform(0.0, 0.05))  # somewhere inside a later write
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint.round >= 3
+    assert np.all(checkpoint.arrays["w"].numpy() == checkpoint.round)  # the model of the round the manifest names
