@@ -61,6 +61,7 @@ class EncryptedFedAvg(FedAvg):
     """
 
     linear_in_updates = True
+    checkpoint_exclude = ("layout",)  # learnt again from the global model each round
 
     def __init__(
         self,
