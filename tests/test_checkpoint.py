@@ -3,6 +3,7 @@ and ClientApp code (``LocalGrid``: nodes in this process, no Ray)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -290,12 +291,14 @@ def test_a_simulation_resumes_from_its_checkpoint(tmp_path):
     assert load_checkpoint(result.run_dir).round == 2 and result.final_accuracy > 0.5
 
 
-def test_an_encrypted_run_resumes_from_its_encrypted_checkpoint(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm"])  # fedavgm: the momentum travels encrypted
+def test_an_encrypted_run_resumes_from_its_encrypted_checkpoint(tmp_path, strategy):
     """--he: the checkpoint holds the encrypted global sum; the resumed run decrypts to the same model."""
     keys = make_keys(tmp_path / "keys")
     he = HEConfig(enabled=True, key=str(keys.secret), server_key=str(keys.server))
-    whole = federate(RunConfig(clients=2, rounds=2, seed=4, out=str(tmp_path / "whole"), he=he))
-    part = federate(RunConfig(clients=2, rounds=1, seed=4, out=str(tmp_path / "part"), he=he))
+    config = RunConfig(clients=2, rounds=2, seed=4, out=str(tmp_path / "whole"), he=he, strategy=StrategyConfig(name=strategy))
+    whole = federate(config)
+    part = federate(dataclasses.replace(config, rounds=1, out=str(tmp_path / "part")))
     checkpoint = load_checkpoint(part.path)
     assert is_encrypted(checkpoint.arrays) and next((part.path / "checkpoint").glob("round-000001-*/model.he")).is_file()
     assert checkpoint.strategy_tree["strategy"]["attributes"]["counts"]  # the example counts it learnt
