@@ -7,8 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..flower.simulation import simulate
-from ..progress import RichReporter
 from .app import app, console
 from .run_options import build_run_config, run_options
 
@@ -22,9 +20,12 @@ def simulate_command(
 ) -> None:
     """Run a federation in-process (Flower simulation engine, Ray backend)."""
     run_config = build_run_config(config, overrides or {})
+    from ..flower.simulation import simulate  # heavy (torch, Flower): only when a run starts
+    from ..progress import RichReporter
+
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
-    if run_config.dp.enabled:  # end with the privacy table and where report.html is
+    if run_config.dp.enabled or run_config.user_dp.enabled:  # end with the privacy report and where report.html is
         from ..privacy.report import print_privacy_report
 
         print_privacy_report(result.run_dir, console)

@@ -1,0 +1,1 @@
+"""Stock Flower FedAvg app used as the baseline of `fedweights bench round`."""
