@@ -22,13 +22,24 @@ def server_command(
         None, "--authorized-nodes", help="Directory of node public keys (NAME.pub) allowed to join."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication (trusted test networks only)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory after its last checkpointed round."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's logs."),
     overrides: Optional[dict] = None,
 ) -> None:
     """Start a Flower SuperLink and run a federation on the clients that connect to it."""
     from ..deploy.server import ServerSecurity, run_server
 
-    run_config = build_run_config(config, overrides or {})
+    if resume is not None:
+        from ..errors import UserError
+        from ..flower.checkpoint import resume_config
+
+        if config is not None or "out" in (overrides or {}):
+            raise UserError("--resume DIR continues the run stored in DIR: drop --config/--out")
+        run_config = resume_config(resume, overrides or {})  # refuses changes that would make it another run
+    else:
+        run_config = build_run_config(config, overrides or {})
     security = ServerSecurity(tls_dir, authorized_nodes, insecure)
     result = run_server(run_config, address, security, console=console, verbose=verbose)
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
