@@ -62,6 +62,9 @@ class ProcessGroup:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **FAST_POLL_ENV, **(env or {})}
+        # Flower's processes start further Flower scripts by name (flower-superexec, flwr-clientapp …):
+        # find those next to this Python even when its environment is not activated.
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.children: dict[str, subprocess.Popen] = {}
         self._old_handlers: dict[int, object] = {}
 
