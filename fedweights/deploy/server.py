@@ -79,7 +79,7 @@ def run_server(
     publish_preflight(config)
     out = Path(config.out) if config.out else default_run_dir()
     out.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.replace(config, out=str(out.resolve()))
+    config = _absolute_paths(dataclasses.replace(config, out=str(out.resolve())))
     deploy = out / DEPLOY_DIR
     home, logs = deploy / "flwr-home", deploy / "logs"
     if security.insecure:
@@ -105,6 +105,18 @@ def run_server(
         detail = metrics.get("error") or f"see {logs}/superlink.log"
         raise RunFailed(f"the run did not complete (status {metrics.get('status', 'not started')!r}): {detail}")
     return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+
+
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """File paths in the config made absolute: the ServerApp runs in another process and directory."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path else None
+
+    he = dataclasses.replace(config.he, server_key=absolute(config.he.server_key))
+    publish = dataclasses.replace(
+        config.publish, token_file=absolute(config.publish.token_file), tls_dir=absolute(config.publish.tls_dir)
+    )
+    return dataclasses.replace(config, he=he, publish=publish)
 
 
 def _check_he(config: RunConfig) -> None:
