@@ -74,9 +74,11 @@ class Deployment:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{name} still running after {timeout} s\n{self.all_logs()}") from None
 
-    def wait_for_round(self, run_dir: Path, round_: int, timeout: float) -> None:
+    def wait_for_round(self, run_dir: Path, round_: int, timeout: float, server: str = "server") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.procs[server].poll() is not None:
+                raise AssertionError(f"{server} exited ({self.procs[server].returncode}) before round {round_}\n{self.all_logs()}")
             try:
                 rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
             except (OSError, ValueError):

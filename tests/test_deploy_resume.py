@@ -62,7 +62,7 @@ def test_a_client_dying_mid_run_does_not_hang_the_run(tmp_path, min_clients):
     address, run_dir = f"127.0.0.1:{free_port()}", tmp_path / "run"
     try:
         dep.server(address, "--rounds", "2", "--clients", "2", "--min-clients", str(min_clients),
-                   "--round-timeout", "25", "--out", str(run_dir))
+                   "--round-timeout", "60", "--out", str(run_dir))
         dep.client("n0", address, "0/2")
         dep.client("n1", address, "1/2")
         dep.wait_for_round(run_dir, 1, timeout=300)

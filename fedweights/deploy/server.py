@@ -28,7 +28,7 @@ from .processes import ProcessGroup, flower_executable, split_address, wait_heal
 
 DEPLOY_DIR = "deploy"
 DATABASE = "superlink.db"
-_FLOWER_LOG_MARKERS = ("INFO ", "WARNING ", "DEBUG ", "Flower App configuration", "- Recommended property")
+_FLOWER_LOG_MARKERS = ("INFO ", "WARNING ", "DEBUG ", ":INFO:", ":WARNING:", ":DEBUG:", "Flower App configuration", "- Recommended property")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .node_wait import BoundedNodeWait, NodeWaitTimeout
 from .runtime import Runtime
 
 
+NO_REPLY = "no reply within round_timeout"
 RUN_ID_KEY = "fedweights-run-id"  # in every train message's config: the run id, the same after --resume
 
 
@@ -220,6 +221,8 @@ def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayReco
     except NodeWaitTimeout as exc:
         failures.append({"node": "-", "reason": f"evaluation skipped: {exc}"})
         return None
+    silent = {f["node"] for f in failures if f["reason"] == NO_REPLY}  # gone quiet in training (dead?): do not wait again
+    messages = [m for m in messages if str(m.metadata.dst_node_id) not in silent]
     if not messages:
         return None
     return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
@@ -232,7 +235,7 @@ def failure_reasons(sent: Sequence[Message], replies: Sequence[Message]) -> list
     ]
     answered = {r.metadata.src_node_id for r in replies}
     failures += [
-        {"node": str(m.metadata.dst_node_id), "reason": "no reply within round_timeout"}
+        {"node": str(m.metadata.dst_node_id), "reason": NO_REPLY}
         for m in sent
         if m.metadata.dst_node_id not in answered
     ]
