@@ -1,7 +1,7 @@
 """Three hosts on one machine: the server and each client in its own network namespace, joined
 by veth pairs to a bridge (itself in a fourth namespace), each with its own address. Clients
 reach the server at its real address over TLS with node authentication; nothing uses loopback
-between processes."""
+between processes. The run uses encrypted aggregation (--he) end to end."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from .conftest import run_cli
 from .deploy_harness import Deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
@@ -63,15 +64,23 @@ def test_server_and_clients_on_separate_hosts(tmp_path, hosts):
     srv_ns, srv_addr = hosts["srv"]
     dep = Deployment(tmp_path)
     dep.make_keys(["n0", "n1"], authorized=["n0", "n1"], hosts=[srv_addr])
+    assert run_cli("keys", "he", "--out", str(tmp_path / "he")).returncode == 0
     run_dir = tmp_path / "run"
     in_ns = {host: ("ip", "netns", "exec", ns) for host, (ns, _) in hosts.items()}
     try:
         dep.server("0.0.0.0:9092", "--rounds", "1", "--clients", "2", "--min-clients", "2", "--round-timeout", "120",
-                   "--out", str(run_dir), prefix=in_ns["srv"])
-        dep.client("n0", f"{srv_addr}:9092", "0/2", prefix=in_ns["c0"])
-        dep.client("n1", f"{srv_addr}:9092", "1/2", prefix=in_ns["c1"])
+                   "--out", str(run_dir), "--he", "--he-server-key", str(tmp_path / "he" / "server.ctx"),
+                   prefix=in_ns["srv"])
+        for node, host, part in (("n0", "c0", "0/2"), ("n1", "c1", "1/2")):
+            dep.client(node, f"{srv_addr}:9092", part, "--he-key", str(tmp_path / "he" / "secret.ctx"), prefix=in_ns[host])
         assert dep.wait("server", 420) == 0, dep.all_logs()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["status"] == "completed" and metrics["rounds"][0]["num_clients"] == 2
+        # --he: the coordinator holds only the encrypted model; a client's secret key opens it
+        assert not (run_dir / "model.safetensors").exists()
+        out = tmp_path / "decrypted.safetensors"
+        result = run_cli("decrypt", str(run_dir / "model.he"), "--he-key", str(tmp_path / "he" / "secret.ctx"), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert metrics["rounds"][0]["eval_accuracy"] > 0.5  # evaluated by the clients on the decrypted model
     finally:
         dep.close()

@@ -45,7 +45,7 @@ def server_command(
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
     if run_config.he.enabled:
         console.print("The global model is encrypted (model.he): a client decrypts it with "
-                      "`fedweights decrypt --he-key DIR/secret.ctx`.")
+                      "`fedweights decrypt RUN/model.he --he-key DIR/secret.ctx --out model.safetensors`.")
 
 
 @app.command("client")
