@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -51,6 +52,11 @@ def test_kill_9_then_resume_continues_with_a_continuous_privacy_ledger(tmp_path)
             assert len(rounds[-1]["history"]) > 0 and rounds[-1]["epsilon"] > rounds[0]["epsilon"]
             assert rounds[-1]["client_epsilon"] >= rounds[0]["client_epsilon"]
             assert sum(s for _, _, s in rounds[-1]["history"]) > sum(s for _, _, s in rounds[0]["history"])
+        for node in ("n0", "n1"):
+            dep.signal_group(node, signal.SIGTERM)
+            dep.wait(node, 30)
+        time.sleep(3)
+        assert dep.survivors() == [], "Flower processes of the killed server outlived it"
     finally:
         dep.close()
 
