@@ -143,3 +143,26 @@ def test_rounds_with_an_empty_sample_still_count(tmp_path):
         hook.on_train_replies(server_round, [])
     user = json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]
     assert user["rounds"] == 2 and user["epsilon"] == epsilon([(1.5, 0.2, 2)], 1e-5) > 0
+
+
+def test_a_resumed_run_continues_the_user_level_account(tmp_path):
+    """Resuming from the checkpoint of round 1 after round 2 was accounted: round 2 runs again and
+    counts again (its first model may have been released), so ε covers 3 rounds, never 1."""
+    import dataclasses
+
+    from fedweights.privacy.user_level_report import UserLevelPrivacyFile
+
+    config = RunConfig(clients=10, rounds=3, out=str(tmp_path / "run"),
+                       user_dp=UserDPConfig(enabled=True, noise_multiplier=1.5, clients_per_round=2))
+    run_dir = RunDir(config.out)
+    run_dir.start(config, run_id="r1")
+    first = UserLevelPrivacyFile(config, run_dir)
+    for server_round in (1, 2):
+        first.on_train_replies(server_round, [])
+    resumed = UserLevelPrivacyFile(dataclasses.replace(config, resume=True), run_dir)
+    resumed.on_train_replies(2, [])
+    user = json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]
+    assert user["rounds"] == 3 and user["epsilon"] == epsilon([(1.5, 0.2, 3)], 1e-5)
+    fresh = UserLevelPrivacyFile(config, run_dir)  # a new run in the same directory starts from zero
+    fresh.on_train_replies(1, [])
+    assert json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]["rounds"] == 1
