@@ -108,15 +108,16 @@ def report_cli(capsys, monkeypatch, run_dir) -> tuple[int, str]:
 
 
 def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, capsys, monkeypatch):
-    user_dp = UserDPConfig(enabled=True, noise_multiplier=2.0, clipping_norm=1.0, clients_per_round=1)
-    for name, dp in (("user-only", DPConfig()), ("both", DPConfig(enabled=True, noise_multiplier=1.0))):
+    # q = 1/2 may sample nobody (no record-level spend at all); with both, q = 1 so the ledger has entries
+    for name, dp, m in (("user-only", DPConfig(), 1), ("both", DPConfig(enabled=True, noise_multiplier=1.0), 2)):
+        user_dp = UserDPConfig(enabled=True, noise_multiplier=2.0, clipping_norm=1.0, clients_per_round=m)
         config = RunConfig(clients=2, rounds=2, seed=0, out=str(tmp_path / name), user_dp=user_dp, dp=dp)
         run_dir = federate(config)
         privacy = json.loads((run_dir.path / "privacy.json").read_text())
         user = privacy["user_level"]
         assert set(user) >= USER_LEVEL_KEYS and user["noise"] == "central"
-        assert user["rounds"] == 2 and user["population"] == 2 and user["sample_rate"] == 0.5
-        assert user["epsilon"] == epsilon([(2.0, 0.5, 2)], 1e-5)  # both rounds count, sampled set empty or not
+        assert user["rounds"] == 2 and user["population"] == 2 and user["sample_rate"] == m / 2
+        assert user["epsilon"] == epsilon([(2.0, m / 2, 2)], 1e-5)  # both rounds count, sampled set empty or not
         assert ("clients" in privacy) == (name == "both")
         assert "User-level (client-level) differential privacy" in privacy["guarantee"]
         assert ("Record-level" in privacy["guarantee"]) == (name == "both")
