@@ -42,7 +42,8 @@ DISTRIBUTED_NOTE = (
     "so the coordinator only ever sees the encrypted, noised sum. The guarantee assumes honest clients: "
     "each adds its share and keeps it secret (a client that skips its share, or colludes with whoever "
     "decrypts, weakens it for everyone), and the coordinator announces the true cohort size n. Rounds whose "
-    "sum holds fewer shares than asked for are accounted with the smaller noise (history). Poisson client "
+    "sum holds fewer shares than asked for are accounted with the smaller noise (history; failures are "
+    "taken to be independent of the clients' data). Poisson client "
     "sampling with rate sample_rate; PLD accountant. Per-round logs in metrics.json are not covered."
 )
 
