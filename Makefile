@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/fedweights simulate --he --dp --clients 4 --rounds 5 --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"

@@ -25,6 +25,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+MAX_ROUND_RETRIES = 100
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """Record-level differential privacy (Opacus DP-SGD on every client)."""
@@ -217,6 +220,9 @@ class RunConfig:
     fraction_evaluate: float = 1.0
     min_clients: int | None = None
     round_timeout: float = 600.0
+    on_round_timeout: Literal["stop", "retry"] = "stop"  # a failed round ends the run, or is re-run
+    round_retries: int = 1  # with on_round_timeout="retry": re-runs of a failed round before stopping
+    resume: bool = False  # continue the run in `out` from its last checkpoint (fedweights.flower.checkpoint)
     dp: DPConfig = field(default_factory=DPConfig)
     he: HEConfig = field(default_factory=HEConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -232,6 +238,10 @@ class RunConfig:
         _positive("lr", self.lr)
         _positive("alpha", self.alpha)
         _positive("round_timeout", self.round_timeout)
+        if not 0 <= self.round_retries <= MAX_ROUND_RETRIES:
+            raise ConfigError("round_retries", f"must be between 0 and {MAX_ROUND_RETRIES}, got {self.round_retries}")
+        if self.resume and not self.out:
+            raise ConfigError("resume", "needs out: the run directory to resume (e.g. `--resume runs/NAME`)")
         if not 0 <= self.momentum < 1:
             raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
         for key in ("fraction_train", "fraction_evaluate"):

@@ -18,7 +18,7 @@ class RichReporter:
     """Prints progress of a federated run to a rich Console."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or Console(soft_wrap=True)
 
     def run_started(self, rounds: int, clients: int, run_dir: str) -> None:
         """Announce the run."""

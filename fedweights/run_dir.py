@@ -5,7 +5,9 @@
     {"run_id": str, "status": "running" | "completed" | "failed",
      "config": {<the full run config, nested as in TOML>},
      "rounds": [{"round": 1, "train_loss": float, "eval_loss": float, "eval_accuracy": float,
-                 "num_clients": int, "seconds": float, "failures": [{"node": str, "reason": str}]}, ...]}
+                 "num_clients": int, "seconds": float, "failures": [{"node": str, "reason": str}]}, ...],
+     "failed_attempts": [{"round": int, "attempt": int, "error": str, "time": str}, ...],  # if any
+     "resumes": [{"after_round": int, "time": str}, ...]}  # if the run was resumed
 
 It is rewritten atomically after every round, so it is always complete up to the last round.
 """
@@ -75,6 +77,26 @@ class RunDir:
         data["rounds"] = [r for r in data["rounds"] if r["round"] < record.round] + [dataclasses.asdict(record)]
         self._write(data)
 
+    def record_failed_attempt(self, server_round: int, attempt: int, error: str) -> None:
+        """Log a failed attempt at a round (it may be retried) under ``failed_attempts``."""
+        data = self.read_metrics()
+        entry = {"round": server_round, "attempt": attempt, "error": error, "time": _utc_now()}
+        data["failed_attempts"] = [*data.get("failed_attempts", []), entry]
+        self._write(data)
+
+    def resume(self, config: RunConfig, through_round: int) -> list[RoundRecord]:
+        """Reopen a run for ``--resume`` after ``through_round``: keep the round records up to it (a
+        record written after the last checkpoint is dropped; its round runs again), store the
+        (possibly extended) config, mark the run running. Returns the kept records."""
+        data = self.read_metrics()
+        data["rounds"] = [r for r in data["rounds"] if r["round"] <= through_round]
+        for key in ("error", "stopped_early"):
+            data.pop(key, None)
+        data.update(status="running", config=dataclasses.asdict(config))
+        data["resumes"] = [*data.get("resumes", []), {"after_round": through_round, "time": _utc_now()}]
+        self._write(data)
+        return [RoundRecord(**r) for r in data["rounds"]]
+
     def set_status(self, status: str, **extra: Any) -> None:
         """Mark the run completed/failed (with e.g. an ``error`` message)."""
         data = self.read_metrics()
@@ -99,6 +121,10 @@ class RunDir:
 
     def _write(self, data: dict[str, Any]) -> None:
         atomic_write_json(self.metrics_path, _finite_or_none(data))
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _finite_or_none(obj: Any) -> Any:

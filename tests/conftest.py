@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# rich sizes its consoles from COLUMNS when they are created (at import): keep CLI output unwrapped
+# in every test process, xdist workers included, so assertions can look for whole lines.
+os.environ["COLUMNS"] = "200"
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -30,14 +33,26 @@ def cli():
     return run_cli
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_ray_cluster(request, tmp_path_factory):
-    """Slow tests simulate many federations: let them share one Ray head (see tests/ray_cluster.py)."""
+def _uses_ray(item: pytest.Item) -> bool:
+    """Slow tests simulate federations on Ray, except deployment tests (real Flower processes)."""
+    return item.get_closest_marker("slow") is not None and item.get_closest_marker("deploy") is None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) all Ray simulations go to one
+    worker, in turn, sharing its Ray head; deployment and unit tests fill the other worker."""
+    for item in items:
+        if _uses_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(scope="session")
+def shared_ray_cluster(tmp_path_factory):
+    """One Ray head per test process, started by the first simulation test (see tests/ray_cluster.py)."""
     from .ray_cluster import RAY_ADDRESS_ENV, start_head, stop_head
 
-    wants_ray = any(item.get_closest_marker("slow") for item in request.session.items)
-    if not wants_ray or os.environ.get(RAY_ADDRESS_ENV):
-        yield None
+    if os.environ.get(RAY_ADDRESS_ENV):
+        yield os.environ[RAY_ADDRESS_ENV]
         return
     proc, address = start_head(tmp_path_factory.mktemp("ray"))
     os.environ[RAY_ADDRESS_ENV] = address
@@ -46,3 +61,10 @@ def shared_ray_cluster(request, tmp_path_factory):
     finally:
         os.environ.pop(RAY_ADDRESS_ENV, None)
         stop_head(proc)
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_simulations(request):
+    """Give every simulation test the shared Ray head (attaching takes ~1 s, a private start ~8-10 s)."""
+    if _uses_ray(request.node):
+        request.getfixturevalue("shared_ray_cluster")

@@ -12,13 +12,10 @@ import json
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
 
 from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig
 from fedweights.crypto.keys import make_keys
 from fedweights.errors import ConfigError, RunFailed
-from fedweights.flower.client_app import evaluate_reply, query_reply, train_reply
 from fedweights.flower.encryption import decrypt_model_file
 from fedweights.flower.round_loop import RoundHooks, run_federation
 from fedweights.flower.runtime import NODE_HE_KEY, NUM_PARTITIONS, PARTITION_ID, Runtime
@@ -28,48 +25,7 @@ from fedweights.run_dir import RunDir
 from fedweights.strategies import build_strategy
 from fedweights.task import builtin_task
 
-HANDLERS = {"train": train_reply, "evaluate": evaluate_reply, "query": query_reply}
-
-
-class LocalGrid(Grid):
-    """A Grid whose nodes are fedweights ClientApp handlers called in this process."""
-
-    def __init__(self, runtime: Runtime, node_configs: dict[int, dict]) -> None:
-        self.runtime = runtime
-        self.node_configs = node_configs
-        self.contexts: dict[int, Context] = {}  # one per node, kept across rounds (e.g. a DP accountant)
-
-    def set_run(self, run):  # noqa: D102 - Grid API
-        self._run = run
-
-    @property
-    def run(self):  # noqa: D102 - Grid API
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
-        return Message(content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
-
-    def get_node_ids(self):  # noqa: D102 - Grid API
-        return list(self.node_configs)
-
-    def push_messages(self, messages):  # noqa: D102 - not needed by the round loop
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: D102 - not needed by the round loop
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            context = self.contexts.setdefault(node, Context(1, node, {}, RecordDict(), {}))
-            context.node_config = self.node_configs[node]
-            try:
-                replies.append(HANDLERS[msg.metadata.message_type](msg, context, self.runtime))
-            except Exception as exc:  # what Flower does with an exception in a ClientApp
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
-
+from .local_grid import LocalGrid
 
 @pytest.fixture(autouse=True)
 def serverapp_identity(monkeypatch):
@@ -168,7 +124,7 @@ def test_coordinator_refuses_a_secret_key(tmp_path, key_pairs):
 @pytest.mark.parametrize(
     ("strategy", "key", "reason"),
     [
-        (StrategyConfig(name="fedavgm"), "strategy.name", "runs fedavg or fedprox"),
+        (StrategyConfig(name="trimmed-mean"), "strategy.name", "not linear in the updates"),
         (StrategyConfig(name="median"), "strategy.name", "not linear in the updates"),
         (StrategyConfig(max_norm=5.0), "strategy.max_norm", "cannot be checked on encrypted updates"),
     ],

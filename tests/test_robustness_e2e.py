@@ -60,6 +60,7 @@ def test_user_dp_run_writes_its_guarantee_and_validation_excludes_an_attacker(tm
         "sample_rate": 1.0,
         "rounds": 3,
         "population": 4,
+        "noise": "central",
     }
 
 

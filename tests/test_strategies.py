@@ -117,17 +117,31 @@ def test_unloadable_user_strategy_is_a_clear_config_error(user_module, spec, fra
 
 
 def test_he_refuses_non_linear_strategies_with_a_clear_message(user_module):
-    for name in ("median", "krum", "fedadam", f"{user_module}:SubclassedAvg"):
+    for name in ("median", "krum", "trimmed-mean", "multi-krum", "fedadam", f"{user_module}:SubclassedAvg"):
         with pytest.raises(ConfigError, match="not linear in the updates.*--he"):
             check_he_compatible(RunConfig(he=HE_ON, strategy=StrategyConfig(name=name)))
-    for name in ("fedavg", "fedavgm", "fedprox", f"{user_module}:Halved"):
+    for name in ("fedavg", "fedavgm", "fedprox"):
         check_he_compatible(RunConfig(he=HE_ON, strategy=StrategyConfig(name=name)))
     assert is_linear(built(f"{user_module}:Halved")) and not is_linear(built(f"{user_module}:SubclassedAvg"))
 
 
-def test_user_dp_with_he_is_refused_until_distributed_noise_exists():
-    with pytest.raises(ConfigError, match="user_dp.enabled"):
-        check_he_compatible(RunConfig(he=HE_ON, user_dp=UserDPConfig(enabled=True)))
+def test_he_refuses_custom_classes_even_linear_ones(user_module):
+    """The coordinator only adds ciphertexts: it could not run the class's own aggregate_train."""
+    with pytest.raises(ConfigError, match="only adds ciphertexts.*cannot run your class's aggregate_train") as err:
+        check_he_compatible(RunConfig(he=HE_ON, strategy=StrategyConfig(name=f"{user_module}:Halved")))
+    assert "fedavg, fedprox, fedavgm" in str(err.value)
+
+
+def test_user_dp_with_he_uses_distributed_noise(tmp_path):
+    from fedweights.crypto.keys import make_keys
+    from fedweights.strategies.encrypted_user_dp import EncryptedUserDPFedAvg
+
+    files = make_keys(tmp_path / "keys")
+    he = HEConfig(enabled=True, server_key=str(files.server))
+    config = RunConfig(he=he, user_dp=UserDPConfig(enabled=True, clients_per_round=2))
+    check_he_compatible(config)
+    strategy = build_strategy(config)
+    assert isinstance(strategy, EncryptedUserDPFedAvg) and strategy.sample_rate == 0.5
 
 
 def test_strategy_table_in_toml_and_cli_override(tmp_path):

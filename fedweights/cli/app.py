@@ -23,8 +23,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths and round lines stay whole when output is piped
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def given(options: Mapping[str, Any]) -> dict[str, Any]:

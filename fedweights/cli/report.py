@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
-from ..privacy.report import print_privacy_report
 from .app import app, console
 
 
@@ -18,4 +17,6 @@ def report_command(
     """Print the privacy spent per client and (re)write privacy.json and report.html in RUN_DIR."""
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
+    from ..privacy.report import print_privacy_report  # torch, matplotlib: only when used
+
     print_privacy_report(run_dir, console)

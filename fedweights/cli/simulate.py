@@ -9,8 +9,6 @@ import typer
 
 from ..config import load_config
 from ..errors import UserError
-from ..flower.simulation import simulate
-from ..progress import RichReporter
 from .app import app, console, given
 
 
@@ -100,9 +98,12 @@ def simulate_command(
     if dp_options and not run_config.dp.enabled:
         names = ", ".join("--" + k.removeprefix("dp.").replace("_", "-") for k in dp_options)
         raise UserError(f"{names} only apply to DP runs: add --dp (or dp.enabled = true in the config)")
+    from ..flower.simulation import simulate  # heavy (torch, Flower): only when a run starts
+    from ..progress import RichReporter
+
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
     console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
-    if run_config.dp.enabled:  # end with the privacy table and where report.html is
+    if run_config.dp.enabled or run_config.user_dp.enabled:  # end with the privacy report and where report.html is
         from ..privacy.report import print_privacy_report
 
         print_privacy_report(result.run_dir, console)

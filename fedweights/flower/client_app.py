@@ -19,7 +19,7 @@ from .. import attacks
 from ..proximal import PROXIMAL_MU_KEY, local_criterion
 from ..task import ClientData
 from ..training import evaluate, make_optimizer, select_device, train_epochs
-from .encryption import plaintext_global, received_state, reply_arrays
+from .encryption import plaintext_global, received_state, reply_arrays, reply_metrics
 from .runtime import Runtime, node_partition, runtime_from_context
 
 ARRAYS = "arrays"
@@ -77,7 +77,7 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     content = RecordDict(
         {
             ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime),  # encrypted under --he
-            METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
+            METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train), **reply_metrics(msg, runtime)}),
             **privacy,
         }
     )

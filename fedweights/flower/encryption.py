@@ -4,6 +4,8 @@
 * A client decrypts the encrypted global model it receives (the coordinator's sum of last
   round's updates) and divides by the total weight, trains, and replies with its own encrypted,
   example-weighted update. Round 1's initial model arrives in plaintext.
+* Server steps beyond the weighted mean (FedAvgM momentum, distributed DP-FedAvg noise) run on
+  the clients; their state travels encrypted with the model (``encrypted_state.py``).
 * The coordinator writes the final aggregate, still encrypted, to ``model.he``.
 * ``simulate --he`` holds the secret key it made (or was given), so it decrypts ``model.he`` into
   ``model.safetensors``; in a deployment a client does that with ``fedweights decrypt``.
@@ -20,12 +22,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from ..config import RunConfig
-from ..crypto.codec import decrypt_envelope, encrypt_update, layout_of
+from ..crypto.codec import encrypt_update, layout_of
 from ..crypto.envelope import HEADER_KEY, EnvelopeError, is_encrypted, load_envelope, save_envelope
 from ..crypto.keys import SERVER_FILE, HEKey, load_client_key, make_keys, write_server_key
 from ..errors import UserError
 from ..run_dir import RunDir
-from ..strategies.encrypted import NORMALISER
+from ..strategies.encrypted import NORMALISER, NOISE_ONLY
+from .encrypted_state import UPDATE, client_payload, decrypt_global, section_of
 from .runtime import NODE_HE_KEY, Runtime
 
 ARRAYS = "arrays"
@@ -33,7 +36,7 @@ CONFIG = "config"
 ENCRYPTED_MODEL_FILE = "model.he"
 KEYS_DIR = "keys"
 
-_last_decrypted: dict[bytes, dict[str, torch.Tensor]] = {}
+_last_decrypted: dict[bytes, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
 
 
 def received_state(
@@ -43,18 +46,29 @@ def received_state(
 
     ``model`` (a fresh instance of the task's model) tells which layout to expect.
     """
+    return _received(msg, context, runtime, model)[0]
+
+
+def received_momentum(
+    msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module
+) -> Mapping[str, torch.Tensor]:
+    """FedAvgM's server momentum that travelled with the encrypted global model (empty in round 1)."""
+    return _received(msg, context, runtime, model)[1]
+
+
+def _received(msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module):
     arrays = msg.content[ARRAYS]
     if not is_encrypted(arrays):
-        return arrays.to_torch_state_dict()  # round 1: the initial model travels in plaintext
+        return arrays.to_torch_state_dict(), {}  # round 1: the initial model travels in plaintext
     key = client_key(context, runtime.config)
     digest = hashlib.sha256(key.fingerprint + arrays[HEADER_KEY].data).digest()
     if digest not in _last_decrypted:  # train and evaluate of consecutive rounds share one aggregate
         try:
-            state = decrypt_envelope(key, arrays, layout_of(model.state_dict()))
+            decrypted = decrypt_global(key, arrays, layout_of(model.state_dict()))
         except EnvelopeError as exc:
             raise UserError(f"cannot decrypt the global model: {exc}") from None
         _last_decrypted.clear()
-        _last_decrypted[digest] = state
+        _last_decrypted[digest] = decrypted
     return _last_decrypted[digest]
 
 
@@ -77,7 +91,26 @@ def reply_arrays(
         raise UserError("--he is on but the coordinator sent no weight normaliser: is it running without --he?")
     key = client_key(context, runtime.config)
     normaliser, server_round = int(config[NORMALISER]), int(config.get("server-round", 0))
+    section = section_of(runtime.config)
+    if section is not None:  # server state computed here (FedAvgM momentum, DP-FedAvg noise share)
+        model = runtime.task().model_fn()
+        previous = received_state(msg, context, runtime, model)
+        momentum = received_momentum(msg, context, runtime, model)
+        noise_only = bool(config.get(NOISE_ONLY, False))
+        state = client_payload(runtime.config, previous, momentum, state, normaliser, noise_only)
+        if section == UPDATE:
+            num_examples = 1  # DP-FedAvg: every client counts equally, the cohort size is the normaliser
     return encrypt_update(key, state, num_examples, normaliser, server_round, compact=runtime.config.he.compact)
+
+
+def reply_metrics(msg: Message, runtime: Runtime) -> dict[str, int]:
+    """Extra train-reply metrics: under ``--user-dp --he``, the cohort size this client's noise
+    share was calibrated for (the coordinator's privacy file accounts the round with it)."""
+    if not (runtime.config.he.enabled and runtime.config.user_dp.enabled):
+        return {}
+    from ..privacy.distributed import COHORT_METRIC
+
+    return {COHORT_METRIC: int(msg.content[CONFIG].get(NORMALISER, 0))}
 
 
 def client_key(context: Context, config: RunConfig) -> HEKey:
@@ -122,7 +155,7 @@ def decrypt_model_file(
     try:
         arrays = load_envelope(path)
         layout = layout_of(model.state_dict()) if model is not None else None
-        return decrypt_envelope(key, arrays, layout)
+        return decrypt_global(key, arrays, layout)[0]
     except (EnvelopeError, OSError) as exc:
         raise UserError(f"cannot decrypt {path}: {exc}") from None
 
@@ -151,6 +184,7 @@ __all__ = [
     "prepare_simulation_keys",
     "received_state",
     "reply_arrays",
+    "reply_metrics",
     "save_encrypted_model",
     "write_decrypted_model",
 ]

@@ -3,7 +3,8 @@
 It drives any Flower ``Strategy`` through its hooks (``configure_train``, ``aggregate_train``,
 ``configure_evaluate``, ``aggregate_evaluate``) like ``Strategy.start`` does, and adds what a
 run needs: per-round records in the run directory, failure reasons, a minimum number of
-usable replies per round, and ``RoundHooks`` where privacy ledgers and checkpoints plug in.
+usable replies per round, a bounded wait for nodes, retries of failed rounds, a checkpoint after
+every round and resuming from it, and ``RoundHooks`` where privacy ledgers and publishing plug in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..progress import RichReporter
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..strategies import build_strategy, rejected_updates
 from .encryption import is_encrypted, save_encrypted_model
+from .node_wait import BoundedNodeWait, NodeWaitTimeout
 from .runtime import Runtime
 
 
@@ -83,30 +85,49 @@ def run_federation(
     reporter: RichReporter | None = None,
     hooks: Iterable[RoundHooks] = (),
 ) -> RunResult:
-    """Run ``runtime.config.rounds`` rounds on ``grid`` and write the run directory."""
+    """Run ``runtime.config.rounds`` rounds on ``grid`` and write the run directory.
+
+    Every round is checkpointed (``fedweights.flower.checkpoint``); with ``config.resume`` the run
+    in ``config.out`` continues after its last checkpoint. Waiting for nodes is bounded by
+    ``round_timeout``; a failed round stops the run or is retried (``on_round_timeout``).
+    """
+    from .checkpoint import CheckpointHooks, archive_checkpoint, resume_run
+    from .strategy_state import StrategyState
+
     config = runtime.config
     reporter = reporter or RichReporter()
     run_dir = RunDir(config.out or default_run_dir())
     random.seed(config.seed)  # Flower samples nodes with the global `random`
     torch.manual_seed(config.seed)
     model = runtime.task().model_fn()
-    arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(config)
-    run_dir.start(config, run_id=uuid.uuid4().hex[:12])
-    hooks = build_hooks(runtime, run_dir) + list(hooks)
-    reporter.run_started(config.rounds, config.clients, str(run_dir.path))
+    state = StrategyState(strategy)
     records: list[RoundRecord] = []
+    if config.resume:  # restores the strategy and `random`, trims metrics.json to the checkpoint
+        point = resume_run(run_dir, config, state)
+        run_id, first_round, arrays, records = point.run_id, point.next_round, point.arrays, point.records
+    else:
+        run_id, first_round, arrays = uuid.uuid4().hex[:12], 1, ArrayRecord(model.state_dict())
+        archived = archive_checkpoint(run_dir.path)  # a new run in an old run's directory
+        if archived is not None:
+            reporter.console.print(f"[yellow]a new run: the previous run's checkpoint moved to {archived}[/yellow]")
+        run_dir.start(config, run_id=run_id)
+    hooks = [CheckpointHooks(run_dir, run_id, state), *build_hooks(runtime, run_dir), *hooks]
+    grid = BoundedNodeWait(grid)
+    reporter.run_started(config.rounds, config.clients, str(run_dir.path))
     stopped: dict[str, str] = {}
     try:
-        for server_round in range(1, config.rounds + 1):
+        for server_round in range(first_round, config.rounds + 1):
             started = time.monotonic()
             try:
-                arrays, train_metrics, failures, used = _train_round(grid, strategy, runtime, server_round, arrays, hooks)
+                arrays, train_metrics, failures, used = _train_round_with_retries(
+                    grid, strategy, runtime, server_round, arrays, hooks, run_dir, reporter
+                )
             except StopRun as stop:
                 stopped = {"stopped_early": f"round {server_round}: {stop}"}
                 reporter.console.print(f"[yellow]run stopped early[/yellow]: {stopped['stopped_early']}")
                 break
-            eval_metrics = _evaluate_round(grid, strategy, config.round_timeout, server_round, arrays)
+            eval_metrics = _evaluate_round(grid, strategy, config, server_round, arrays, failures)
             record = RoundRecord(
                 round=server_round,
                 train_loss=_metric(train_metrics, "train_loss"),
@@ -136,9 +157,31 @@ def run_federation(
     return RunResult(run_dir.path, records)
 
 
+def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: int, arrays, hooks, run_dir, reporter):
+    """``_train_round``, re-run (fresh sampling) after a failure when ``on_round_timeout="retry"``;
+    every failed attempt is logged in metrics.json. The last failure ends the run."""
+    config = runtime.config
+    attempts = 1 + (config.round_retries if config.on_round_timeout == "retry" else 0)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _train_round(grid, strategy, runtime, server_round, arrays, hooks)
+        except RunFailed as exc:
+            run_dir.record_failed_attempt(server_round, attempt, str(exc))
+            if attempt < attempts:
+                reporter.console.print(f"[yellow]round {server_round}, attempt {attempt} failed[/yellow]: {exc}; retrying")
+                continue
+            tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
+            kept = "no round completed"
+            if server_round > 1:
+                kept = f"the checkpoint of round {server_round - 1} is kept: resume the run with --resume"
+            raise RunFailed(f"{exc}{tries}. The run stopped; {kept}") from exc
+    raise AssertionError("unreachable")
+
+
 def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: ArrayRecord, hooks):
     config = runtime.config
-    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    with grid.waiting(config.round_timeout, config.wait_for_clients, f"round {server_round}"):
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
     failures = failure_reasons(sent, replies)
     for hook in hooks:
@@ -165,11 +208,17 @@ def _require_updates(server_round: int, usable: int, sent: int, needed: int, fai
         )
 
 
-def _evaluate_round(grid, strategy, timeout: float, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayRecord, failures) -> MetricRecord | None:
+    """Evaluate the new global model; without enough nodes the round keeps its model, unevaluated."""
+    try:
+        with grid.waiting(config.round_timeout, config.wait_for_clients, f"round {server_round} evaluation"):
+            messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    except NodeWaitTimeout as exc:
+        failures.append({"node": "-", "reason": f"evaluation skipped: {exc}"})
+        return None
     if not messages:
         return None
-    return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+    return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
 
 
 def failure_reasons(sent: Sequence[Message], replies: Sequence[Message]) -> list[dict[str, str]]:

@@ -19,7 +19,12 @@ and a terminal table — all derived from the privacy ledger and ``metrics.json`
          "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε}}},
      "rounds": [{"round", "epsilon_max", "epsilon_mean", "trained", "exhausted"}],
      "ledger": {"file", "entries", "last_sha256"},
-     "user_level": {...}}       # only when the run also had user-level DP-FedAvg (user_privacy.json)
+     "user_level": {epsilon, delta, noise_multiplier, clipping_norm, sample_rate, rounds, population, ...}}
+                                # only when the run had user-level DP-FedAvg (user_privacy.json)
+
+A run with user-level DP only (``--user-dp`` without ``--dp``) has no ledger: its privacy.json
+holds ``schema``, ``run_id``, ``status``, ``stopped_early``, ``accountant``, ``delta`` (the
+user-level δ), ``guarantee``, ``settings`` (the ``[user_dp]`` config) and ``user_level``.
 
 A client's ε at round r is its ε after the last round ≤ r it trained in; ``epsilon_max`` and
 ``epsilon_mean`` of a round are over the clients that have spent anything by then.
@@ -48,14 +53,20 @@ SCHEMA = "fedweights.privacy/1"
 
 
 def summarize(run_dir: str | Path) -> dict[str, Any]:
-    """The content of privacy.json for ``run_dir`` (reads the ledger and metrics.json)."""
+    """The content of privacy.json for ``run_dir`` (reads the ledger, user_privacy.json and metrics.json)."""
     run_dir = Path(run_dir)
     ledger = Ledger(run_dir)
     entries = ledger.read()
-    if not entries:
-        raise UserError(f"{run_dir} has no privacy ledger ({LEDGER_FILE}): was the run made with --dp?")
+    user_file = read_user_privacy(run_dir)
     metrics_path = run_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if not entries:
+        if user_file is None:
+            raise UserError(
+                f"{run_dir} has no privacy ledger ({LEDGER_FILE}) or {USER_PRIVACY_FILE}: "
+                "was the run made with --dp or --user-dp?"
+            )
+        return _user_only_summary(metrics, user_file)
     config = metrics.get("config", {})
     dp = config.get("dp", {})
     clients: dict[str, dict[str, Any]] = {}
@@ -87,10 +98,54 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         },
     }
     summary["guarantee"] = guarantee_text(summary)
-    user_level = run_dir / USER_PRIVACY_FILE  # a run with server-side DP-FedAvg as well
-    if user_level.exists():
-        summary["user_level"] = json.loads(user_level.read_text()).get("user_level")
+    if user_file is not None:  # a run with user-level DP-FedAvg as well
+        summary["user_level"] = user_file["user_level"]
+        summary["guarantee"] += " " + user_guarantee_text(user_file)
     return summary
+
+
+def read_user_privacy(run_dir: Path) -> dict[str, Any] | None:
+    """``user_privacy.json`` of a user-level DP run (None when the run had none)."""
+    path = run_dir / USER_PRIVACY_FILE
+    if not path.exists():
+        return None
+    try:
+        content = json.loads(path.read_text())
+        content["user_level"]["epsilon"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a valid user-level privacy file ({type(exc).__name__}: {exc})") from None
+    return content
+
+
+def user_guarantee_text(user_file: dict[str, Any]) -> str:
+    """The user-level guarantee in plain language, with the run's numbers."""
+    u = user_file["user_level"]
+    return (
+        f"User-level (client-level) differential privacy: (ε, δ) = ({format_epsilon(as_epsilon(u['epsilon']))}, "
+        f"{u['delta']:g}) after {u['rounds']} round(s) for everything a client contributed, its whole data set: "
+        f"each update clipped to L2 norm {u['clipping_norm']:g}, Gaussian noise of std "
+        f"{u['noise_multiplier']:g}×{u['clipping_norm']:g} on the sum, clients Poisson-sampled with rate "
+        f"{u['sample_rate']:.4g} from {u['population']}. {user_file.get('note', '')}"
+    ).strip()
+
+
+def _user_only_summary(metrics: dict[str, Any], user_file: dict[str, Any]) -> dict[str, Any]:
+    config = metrics.get("config", {})
+    user = user_file["user_level"]
+    return {
+        "schema": SCHEMA,
+        "run_id": metrics.get("run_id"),
+        "status": metrics.get("status", "unknown"),
+        "stopped_early": metrics.get("stopped_early"),
+        "accountant": "pld",
+        "delta": user["delta"],
+        "guarantee": user_guarantee_text(user_file),
+        "settings": {
+            **{f"user_dp.{k}": v for k, v in config.get("user_dp", {}).items() if k != "enabled"},
+            **{k: config.get(k) for k in ("rounds", "local_epochs", "batch_size", "lr", "clients")},
+        },
+        "user_level": user,
+    }
 
 
 def guarantee_text(summary: dict[str, Any]) -> str:
@@ -152,10 +207,18 @@ def print_privacy_report(run_dir: str | Path, console: Console | None = None) ->
     console = console or Console()
     json_path, html_path = write_reports(run_dir)
     summary = json.loads(json_path.read_text())
-    console.print(privacy_table(summary))
+    if "clients" in summary:
+        console.print(privacy_table(summary))
     if summary.get("stopped_early"):
         console.print(f"[yellow]stopped early[/yellow]: {summary['stopped_early']}")
-    console.print(f"max epsilon {format_epsilon(summary['epsilon_max'], 4)} at delta {_fmt(summary['delta'], 'g')}")
+    if "clients" in summary:
+        console.print(f"max epsilon {format_epsilon(summary['epsilon_max'], 4)} at delta {_fmt(summary['delta'], 'g')}")
+    if summary.get("user_level"):
+        u = summary["user_level"]
+        console.print(
+            f"user-level epsilon {format_epsilon(as_epsilon(u['epsilon']), 4)} at delta {u['delta']:g} after "
+            f"{u['rounds']} round(s) (z={u['noise_multiplier']:.4g}, S={u['clipping_norm']:g}, q={u['sample_rate']:.4g})"
+        )
     console.print(f"Privacy data: {json_path.resolve()}")
     console.print(f"Privacy report: [bold]{html_path.resolve()}[/bold]")
     return json_path, html_path

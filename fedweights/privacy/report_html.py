@@ -27,6 +27,8 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
     """The report page for a privacy summary (see ``report.summarize``)."""
     metrics_path = run_dir / METRICS_FILE
     rounds = json.loads(metrics_path.read_text()).get("rounds", []) if metrics_path.exists() else []
+    if "clients" not in summary:  # user-level DP only: no record-level ledger
+        return _user_only_page(summary, rounds)
     esc = html.escape
     warnings = []
     if summary.get("stopped_early"):
@@ -55,11 +57,46 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
         _clients_table(summary),
         "<h2>Settings used</h2>",
         _table(["setting", "value"], [[k, _fmt(v)] for k, v in summary["settings"].items()]),
+        *_user_level_section(summary),
         "<h2>Audit trail</h2>",
         f"<p>Every round appended each client's (σ, q, steps) history and ε to <code>{esc(summary['ledger']['file'])}</code> "
         f"({summary['ledger']['entries']} hash-chained entries, last SHA-256 <code>{esc(summary['ledger']['last_sha256'][:16])}…</code>), "
         "written before that round's updates were aggregated. ε was recomputed by the coordinator from those histories. "
         "<code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan</code> reproduces any of them.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _user_level_section(summary: dict[str, Any]) -> list[str]:
+    user = summary.get("user_level")
+    if not user:
+        return []
+    return [
+        "<h2>User-level (client-level) DP</h2>",
+        _table(["quantity", "value"], [[k, _fmt(v)] for k, v in user.items() if not isinstance(v, (list, dict))]),
+    ]
+
+
+def _user_only_page(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> str:
+    esc = html.escape
+    user = summary["user_level"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>fedweights privacy report {esc(str(summary.get('run_id') or ''))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Privacy report — run {esc(str(summary.get('run_id') or '?'))}</h1>",
+        f"<p>Status: <b>{esc(str(summary['status']))}</b>. User-level ε: <b>{format_epsilon(as_epsilon(user['epsilon']))}</b> "
+        f"at δ = <b>{_fmt(user['delta'])}</b> after {esc(str(user['rounds']))} round(s) (pld accountant).</p>",
+        "<h2>What this guarantees</h2>",
+        f"<p class='guarantee'>{esc(summary['guarantee'])}</p>",
+        *([f"<p class='warn'>The run stopped early: {esc(summary['stopped_early'])}</p>"] if summary.get("stopped_early") else []),
+        "<h2>Accuracy over the rounds</h2>",
+        _img(_accuracy_plot(rounds), "global model accuracy versus round") if rounds else "<p>No rounds recorded.</p>",
+        *_user_level_section(summary),
+        "<h2>Settings used</h2>",
+        _table(["setting", "value"], [[k, _fmt(v)] for k, v in summary["settings"].items()]),
+        "<p><code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan --user-level</code> "
+        "reproduces ε from the quantities above.</p>",
         "</body></html>",
     ]
     return "\n".join(parts)

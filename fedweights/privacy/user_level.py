@@ -3,7 +3,7 @@
 Each round samples every client independently with probability ``q = m / N`` (Poisson) and adds
 Gaussian noise of std ``z * S`` to the sum of the clipped updates, so one client's whole data set
 changes the released sum by at most ``S``. ``T`` rounds compose into a Poisson-subsampled Gaussian
-mechanism, accounted here with dp-accounting's privacy-loss-distribution (PLD) accountant, which
+mechanism, accounted with the same dp-accounting PLD code as DP-SGD (``privacy.accounting``), which
 counts the amplification by sampling that Flower's own accountant leaves out.
 """
 
@@ -12,62 +12,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-
 from ..config import UserDPConfig
 from ..errors import UserError
+from .accounting import Entry, calibrate_noise, check_delta, epsilon
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
-MIN_NOISE_MULTIPLIER = 0.5  # calibration floor: below it PLDs get slow to compute and the noise is rarely useful
-
-
-def user_level_event(sample_rate: float, noise_multiplier: float, rounds: int) -> dp_accounting.DpEvent:
-    """The DpEvent of ``rounds`` rounds of Poisson-sampled (``sample_rate``) Gaussian (``noise_multiplier``)."""
-    round_event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    return dp_accounting.SelfComposedDpEvent(round_event, rounds)
 
 
 def user_level_epsilon(sample_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
-    """ε of a DP-FedAvg run at ``delta`` (PLD accountant; pessimistic discretisation, never below the truth)."""
+    """ε of a DP-FedAvg run at ``delta``: the same PLD accounting as DP-SGD steps
+    (:func:`fedweights.privacy.accounting.epsilon`; pessimistic, never below the truth)."""
     _check(sample_rate, rounds, delta)
     if noise_multiplier <= 0:
         raise UserError(f"noise multiplier must be > 0, got {noise_multiplier}")
-    if rounds == 0:
-        return 0.0
-    accountant = pld_privacy_accountant.PLDAccountant()
-    accountant.compose(user_level_event(sample_rate, noise_multiplier, rounds))
-    return float(accountant.get_epsilon(delta))
+    return epsilon([(noise_multiplier, sample_rate, rounds)], delta, "pld")
+
+
+def rounds_epsilon(history: list[Entry], delta: float) -> float:
+    """ε of rounds with differing noise multipliers: ``history`` holds ``(z, q, rounds)`` entries."""
+    return epsilon(history, delta, "pld")
 
 
 @lru_cache(maxsize=32)
 def noise_for_epsilon(target_epsilon: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """Smallest noise multiplier (to 1e-3, at least ``MIN_NOISE_MULTIPLIER``) whose run spends at most
-    ``target_epsilon`` at ``delta``: Brent's bisection (dp-accounting) on ``user_level_epsilon``."""
+    """Smallest noise multiplier (within 0.1 %) whose run spends at most ``target_epsilon`` at
+    ``delta``; :func:`fedweights.privacy.accounting.calibrate_noise` with rounds as steps."""
     _check(sample_rate, rounds, delta)
-    if target_epsilon <= 0:
-        raise UserError(f"target epsilon must be > 0, got {target_epsilon}")
-
-    def over_budget(z: float) -> bool:
-        return user_level_epsilon(sample_rate, z, rounds, delta) > target_epsilon
-
-    upper = 1.0
-    while over_budget(upper):  # bracket from above first: large noise multipliers are cheap to account
-        upper *= 2
-    lower = upper / 2
-    if upper == 1.0:
-        if not over_budget(MIN_NOISE_MULTIPLIER):
-            return MIN_NOISE_MULTIPLIER
-        lower = MIN_NOISE_MULTIPLIER
-    z = dp_accounting.calibrate_dp_mechanism(  # returns a value that meets the budget (non-positive gap)
-        pld_privacy_accountant.PLDAccountant,
-        lambda noise: user_level_event(sample_rate, noise, rounds),
-        target_epsilon,
-        delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(lower, upper),
-        tol=1e-3,
-    )
-    return float(z)
+    return calibrate_noise(target_epsilon, sample_rate, rounds, delta, "pld")
 
 
 @dataclass(frozen=True)
@@ -133,5 +104,4 @@ def _check(sample_rate: float, rounds: int, delta: float) -> None:
         raise UserError(f"sample rate must be in (0, 1], got {sample_rate}")
     if rounds < 0:
         raise UserError(f"rounds must be >= 0, got {rounds}")
-    if not 0 < delta < 1:
-        raise UserError(f"delta must be in (0, 1), got {delta}")
+    check_delta(delta)

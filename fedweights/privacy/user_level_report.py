@@ -2,21 +2,30 @@
 
 The file is rewritten (atomically) as soon as a round's training replies arrive, counting that
 round before its noised model is released, so a run that stops at any point never reports fewer
-rounds than it released.
+rounds than it released. Every round counts, also one whose Poisson sample was empty; a resumed
+run continues the account (a round run again after the checkpoint counts again).
+
+Under ``--he`` (distributed noise) a round whose sum holds only K of the n noise shares it asked
+for is accounted at the noise multiplier z·sqrt(K/n): first with K = the usable replies when
+they arrive, then with K read from the aggregate's header once it exists, so ε always accounts
+the noise actually in the released sum. ``privacy.json`` and ``report.html`` are refreshed too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from ..config import RunConfig
 from ..fileio import atomic_write_json
 from ..flower.round_loop import RoundHooks
-from ..run_dir import RunDir
-from .user_level import planned_guarantee, user_level_epsilon
+from ..run_dir import RoundRecord, RunDir
+from .accounting import Entry
+from .distributed import COHORT_METRIC
+from .user_level import planned_guarantee, rounds_epsilon
 
 USER_PRIVACY_FILE = "user_privacy.json"
 
@@ -27,18 +36,86 @@ GUARANTEE_NOTE = (
     "operator-side and not covered."
 )
 
+DISTRIBUTED_NOTE = (
+    "Client-level (user-level) DP of every released global model with distributed noise (--user-dp --he): "
+    "each sampled client clips its update and adds its share N(0, (z·S)²/n) of the noise before encrypting, "
+    "so the coordinator only ever sees the encrypted, noised sum. The guarantee assumes honest clients: "
+    "each adds its share and keeps it secret (a client that skips its share, or colludes with whoever "
+    "decrypts, weakens it for everyone), and the coordinator announces the true cohort size n. Rounds whose "
+    "sum holds fewer shares than asked for are accounted with the smaller noise (history; failures are "
+    "taken to be independent of the clients' data). Poisson client "
+    "sampling with rate sample_rate; PLD accountant. Per-round logs in metrics.json are not covered."
+)
+
 
 class UserLevelPrivacyFile(RoundHooks):
     """Keeps ``user_privacy.json`` (the ``user_level`` object plus a note) up to date during a run."""
 
     def __init__(self, config: RunConfig, run_dir: RunDir) -> None:
         self.plan = planned_guarantee(config.user_dp, config.clients, config.rounds)
+        self.distributed = config.he.enabled
+        self.run_path = run_dir.path
         self.path = run_dir.path / USER_PRIVACY_FILE
+        self.history: list[Entry] = self._resumed_history() if config.resume else []  # one (z, q, 1) per round
 
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Account this round before its model is released."""
+        z = self.plan.noise_multiplier
+        if self.distributed:
+            usable = [r for r in replies if not r.has_error()]
+            cohorts = [int(r.content["metrics"].get(COHORT_METRIC, 0)) for r in usable if "metrics" in r.content]
+            cohort = max([len(usable), *cohorts])
+            z = _effective(z, len(usable), cohort)
+        self._book(server_round, z)
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        """Under --he: account the round with the shares its encrypted sum really holds."""
+        from ..crypto.envelope import is_encrypted, read_header
+
+        if self.distributed and is_encrypted(arrays):
+            header = read_header(arrays)
+            if header.server_round == record.round:
+                self.history.pop()
+                self._book(record.round, _effective(self.plan.noise_multiplier, header.num_examples, header.normaliser))
+        self._refresh_reports(final=False)
+
+    def on_run_end(self, run_dir: RunDir, arrays: ArrayRecord) -> None:
+        """Write privacy.json and report.html (merged with the record-level report, if any)."""
+        self._refresh_reports(final=True)
+
+    def _resumed_history(self) -> list[Entry]:
+        """A resumed run keeps every round it already accounted (a round run again after the
+        checkpoint counts twice: its first model may have been released before the stop)."""
+        if not self.path.exists():
+            return []
+        user = json.loads(self.path.read_text())["user_level"]
+        if "history" in user:
+            return [(float(z), float(q), int(n)) for z, q, n in user["history"]]
+        return [(float(user["noise_multiplier"]), float(user["sample_rate"]), 1)] * int(user["rounds"])
+
+    def _book(self, server_round: int, noise_multiplier: float) -> None:
         p = self.plan
-        spent = dataclasses.replace(
-            p, rounds=server_round, epsilon=user_level_epsilon(p.sample_rate, p.noise_multiplier, server_round, p.delta)
-        )
-        atomic_write_json(self.path, {"user_level": spent.to_dict(), "note": GUARANTEE_NOTE})
+        self.history.append((noise_multiplier, p.sample_rate, 1))
+        rounds = max(server_round, len(self.history))  # rounds of the mechanism accounted
+        spent = dataclasses.replace(p, rounds=rounds, epsilon=rounds_epsilon(self.history, p.delta))
+        content = {**spent.to_dict(), "noise": "distributed" if self.distributed else "central"}
+        if self.distributed:
+            content["history"] = [list(e) for e in self.history]
+        atomic_write_json(self.path, {"user_level": content, "note": DISTRIBUTED_NOTE if self.distributed else GUARANTEE_NOTE})
+
+    def _refresh_reports(self, final: bool) -> None:
+        from .report import write_privacy_json, write_reports
+
+        if final:
+            write_reports(self.run_path)
+        else:
+            write_privacy_json(self.run_path)
+
+
+def _effective(noise_multiplier: float, summed: int, cohort: int) -> float:
+    """z of a round whose sum holds ``summed`` of ``cohort`` shares (no reply: no release, book z)."""
+    from .distributed import effective_noise_multiplier
+
+    if summed < 1 or cohort < 1:
+        return noise_multiplier
+    return effective_noise_multiplier(noise_multiplier, min(summed, cohort), cohort)

@@ -20,7 +20,8 @@ from .validation import ValidatedStrategy, rejected_updates
 def build_strategy(config: RunConfig) -> Strategy:
     """The strategy a run uses: the configured one (DP-FedAvg under ``user_dp``), checked against
     ``--he``, wrapped in update validation on the plaintext path. Under ``--he`` it is encrypted
-    FedAvg, which validates the (encrypted) updates itself."""
+    FedAvg/FedProx/FedAvgM (or DP-FedAvg with distributed noise), which validates the encrypted
+    updates itself."""
     check_he_compatible(config)
     if config.he.enabled:
         from .encrypted import build_encrypted_strategy
@@ -31,19 +32,28 @@ def build_strategy(config: RunConfig) -> Strategy:
 
 
 def check_he_compatible(config: RunConfig) -> None:
-    """Refuse ``--he`` with a strategy whose aggregate is not linear in the updates."""
+    """Refuse ``--he`` with a strategy the coordinator cannot run on ciphertexts: one whose
+    aggregate is not linear in the updates, or any class of your own (the coordinator can only
+    add ciphertexts, so it would not run your ``aggregate_train``)."""
     if not config.he.enabled:
         return
-    if not is_linear(strategy_class(config.strategy.name)):
-        linear = ", ".join(name for name, spec in BUILTINS.items() if spec.linear)
+    from .encrypted import HE_STRATEGIES
+
+    name = config.strategy.name
+    cls = strategy_class(name)
+    if not is_linear(cls):
         raise ConfigError(
             "strategy.name",
-            f"is {config.strategy.name!r}, which is not linear in the updates, so it cannot aggregate "
-            f"encrypted updates (--he). Use one of {linear} (or a class with {LINEAR_ATTRIBUTE} = True), "
-            "or run without --he",
+            f"is {name!r}, which is not linear in the updates, so it cannot aggregate encrypted updates "
+            f"(--he). Use one of {', '.join(HE_STRATEGIES)}, or run without --he",
         )
-    if config.user_dp.enabled:
-        raise ConfigError("user_dp.enabled", "together with --he (distributed noise) is not available yet")
+    if name not in HE_STRATEGIES:
+        raise ConfigError(
+            "strategy.name",
+            f"is {name!r}: under --he the coordinator only adds ciphertexts (encrypted FedAvg), so it cannot run "
+            f"your class's aggregate_train even if it is linear ({LINEAR_ATTRIBUTE} = True). Use one of "
+            f"{', '.join(HE_STRATEGIES)} with --he, or run your class without --he",
+        )
 
 
 __all__ = [

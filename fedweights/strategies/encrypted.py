@@ -38,6 +38,7 @@ from .registry import sampling_options
 log = logging.getLogger("fedweights.he")
 
 NORMALISER = "he-normaliser"  # train-config key (the ClientApp reads it)
+NOISE_ONLY = "user-dp-noise-only"  # train-config key: send only a DP noise share, not an update
 COUNT_QUERY = "fedweights.count"  # query-config key asking a node for its number of training examples
 
 
@@ -52,14 +53,23 @@ class EncryptedFedAvg(FedAvg):
         Seconds to wait for nodes to report their example counts.
     train_config : dict, optional
         Extra entries for every train config (FedProx's ``proximal-mu``).
+    state_section : str, optional
+        Server state the payloads carry next to the model (``"momentum"`` for FedAvgM), see
+        ``fedweights.flower.encrypted_state``; the coordinator only checks its layout and adds it.
     **fedavg_kwargs
         Sampling settings passed to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, …).
     """
 
     linear_in_updates = True
+    checkpoint_exclude = ("layout",)  # learnt again from the global model each round
 
     def __init__(
-        self, key: HEKey, query_timeout: float = 600.0, train_config: dict | None = None, **fedavg_kwargs
+        self,
+        key: HEKey,
+        query_timeout: float = 600.0,
+        train_config: dict | None = None,
+        state_section: str | None = None,
+        **fedavg_kwargs,
     ) -> None:
         if key.is_secret:
             raise UserError("the encrypted strategy got a secret context; the coordinator must only hold server.ctx")
@@ -67,6 +77,7 @@ class EncryptedFedAvg(FedAvg):
         self.key = key
         self.query_timeout = query_timeout
         self.train_config = dict(train_config or {})  # extra train-config entries (e.g. FedProx's mu)
+        self.state_section = state_section
         self.counts: dict[int, int] = {}  # node id → the example count it last reported
         self.layout: tuple[TensorInfo, ...] | None = None
         self.rejected: dict[int, list[dict[str, str]]] = {}  # round → refused nodes/updates, with reasons
@@ -151,8 +162,10 @@ class EncryptedFedAvg(FedAvg):
     def _learn_layout(self, arrays: ArrayRecord) -> None:
         if is_encrypted(arrays):
             layout = layout_from_proto(read_header(arrays).layout)
-        else:
-            layout = layout_of(arrays.to_torch_state_dict())
+        else:  # round 1: the plaintext initial model; the payloads add the state section
+            from ..flower.encrypted_state import extend_layout
+
+            layout = extend_layout(layout_of(arrays.to_torch_state_dict()), self.state_section)
         if self.layout is not None and layout != self.layout:
             raise RunFailed("the global model changed its layout between rounds")
         self.layout = layout
@@ -182,16 +195,22 @@ class EncryptedFedAvg(FedAvg):
         self.rejected[self._round].append({"node": str(node), "reason": reason})
 
 
+HE_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
+
+
 def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
-    """The ``--he`` strategy for a run config: FedAvg (or FedProx, whose extra is on the clients).
+    """The ``--he`` strategy for a run config: FedAvg, FedProx (its extra is on the clients),
+    FedAvgM (its momentum step runs on the clients, the momentum travels encrypted) or, with
+    ``user_dp``, DP-FedAvg with distributed noise.
 
     Needs ``he.server_key`` (the coordinator's server.ctx).
     """
-    if config.strategy.name not in ("fedavg", "fedprox"):
+    if config.strategy.name not in HE_STRATEGIES:
         raise ConfigError(
             "strategy.name",
-            f"is {config.strategy.name!r}; encrypted aggregation (--he) runs fedavg or fedprox: anything the "
-            "server computes beyond a weighted sum (momentum, adaptive steps) would need the plaintext model",
+            f"is {config.strategy.name!r}; encrypted aggregation (--he) runs {', '.join(HE_STRATEGIES)}: the "
+            "coordinator only adds ciphertexts, and anything else it would compute (medians, distances, "
+            "adaptive steps, your own aggregate_train) needs the plaintext updates",
         )
     if config.strategy.max_norm is not None:
         raise ConfigError(
@@ -204,4 +223,11 @@ def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
         )
     extra = {PROXIMAL_MU_KEY: config.strategy.proximal_mu} if config.strategy.name == "fedprox" else {}
     key = load_server_key(config.he.server_key)
-    return EncryptedFedAvg(key, query_timeout=config.round_timeout, train_config=extra, **sampling_options(config))
+    if config.user_dp.enabled:
+        from .encrypted_user_dp import encrypted_user_dp_strategy
+
+        return encrypted_user_dp_strategy(config, key)
+    section = "momentum" if config.strategy.name == "fedavgm" else None
+    return EncryptedFedAvg(
+        key, query_timeout=config.round_timeout, train_config=extra, state_section=section, **sampling_options(config)
+    )

@@ -1,0 +1,212 @@
+"""The state a server strategy builds up over rounds, captured for checkpoints without pickle.
+
+Flower's strategies keep their state in plain attributes: FedAvgM its momentum buffer
+(``momentum_vector``) and model copy (``current_arrays``), FedAdam/FedYogi/FedAdagrad ``m_t``,
+``v_t`` and ``current_arrays`` (the step count is the server round), the encrypted FedAvg of
+``--he`` the example counts it learnt (``counts``). ``StrategyState`` captures, for the strategy
+and every strategy it wraps (``.strategy``, as in ``ValidatedStrategy`` and Flower's DP wrappers),
+each attribute whose value changed since the strategy was built, provided it is data: None, bool,
+int, float, str, numpy arrays and scalars, Flower ``ArrayRecord``s, and lists, tuples and dicts of
+those. Settings that come from the run config are unchanged, so they are not saved and a resumed
+run applies its (allowed) overrides. Values are stored as tagged JSON plus a safetensors file for
+the binary parts; nothing is pickled, so loading a checkpoint never runs code.
+
+A custom strategy whose state lives in other objects implements ``state_dict() -> dict`` and
+``load_state_dict(state)`` (values of the data types above); then its attributes are not walked.
+Attributes it names in a ``checkpoint_exclude`` class attribute (per-round scratch) are skipped.
+State that can be neither captured nor excluded is listed in ``uncaptured``; a resume refuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from ..errors import UserError
+
+EXCLUDE_ATTRIBUTE = "checkpoint_exclude"
+ROUND_SCRATCH = frozenset({"rejected", "_global", "_expect", "_planned", "_round", "_pending_events"})
+"""Attributes of fedweights' and Flower's strategies that only live within one round."""
+
+
+class StateError(UserError):
+    """A strategy's state cannot be saved or restored."""
+
+
+class StrategyState:
+    """Captures and restores the round-to-round state of ``strategy`` and the strategies it wraps."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        self._baseline = {path: _snapshot(obj) for path, obj in _chain(strategy)}
+
+    @property
+    def classes(self) -> list[str]:
+        """Qualified class names of the strategy chain, outermost first."""
+        return [f"{type(obj).__module__}.{type(obj).__qualname__}" for _, obj in _chain(self.strategy)]
+
+    def capture(self) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+        """(JSON tree, binary blobs, uncaptured attribute names) of the current state."""
+        encoder = _Encoder()
+        tree: dict[str, Any] = {}
+        uncaptured: list[str] = []
+        for path, obj in _chain(self.strategy):
+            if _has_state_methods(obj):
+                tree[path] = {"state_dict": encoder.encode(obj.state_dict(), f"{path}.state_dict()")}
+                continue
+            data_before, ids_before = self._baseline[path]
+            changed = {}
+            for name, value in _attributes(obj).items():
+                if _is_data(value):
+                    if name not in data_before or not _equal(value, data_before[name]):
+                        changed[name] = encoder.encode(value, f"{path}.{name}")
+                elif not callable(value) and ids_before.get(name) != id(value):
+                    uncaptured.append(f"{type(obj).__qualname__}.{name} ({type(value).__name__})")
+            tree[path] = {"attributes": changed}
+        return tree, encoder.blobs, uncaptured
+
+    def restore(self, tree: dict[str, Any], blobs: dict[str, np.ndarray]) -> None:
+        """Put captured state back into a freshly built strategy of the same classes."""
+        chain = dict(_chain(self.strategy))
+        for path, entry in tree.items():
+            if path not in chain:
+                raise StateError(f"the checkpoint holds state for {path!r}, which this run's strategy does not have")
+            obj = chain[path]
+            if "state_dict" in entry:
+                if not _has_state_methods(obj):
+                    raise StateError(f"the checkpoint holds a state_dict for {path!r}, but it has no load_state_dict()")
+                obj.load_state_dict(_decode(entry["state_dict"], blobs))
+                continue
+            for name, value in entry.get("attributes", {}).items():
+                setattr(obj, name, _decode(value, blobs))
+
+
+def _chain(strategy: Any) -> list[tuple[str, Any]]:
+    """(path, object) for the strategy and each strategy it wraps through ``.strategy``."""
+    chain, path, obj = [], "strategy", strategy
+    while obj is not None and all(obj is not seen for _, seen in chain):
+        chain.append((path, obj))
+        obj, path = getattr(obj, "strategy", None), f"{path}.strategy"
+        if obj is not None and not hasattr(obj, "configure_train"):
+            break
+    return chain
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    excluded = ROUND_SCRATCH | set(getattr(type(obj), EXCLUDE_ATTRIBUTE, ()))
+    return {k: v for k, v in vars(obj).items() if k not in excluded and k != "strategy"}
+
+
+def _has_state_methods(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _snapshot(obj: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    data, ids = {}, {}
+    for name, value in _attributes(obj).items():
+        if _is_data(value):
+            data[name] = copy.deepcopy(value)
+        else:
+            ids[name] = id(value)
+    return data, ids
+
+
+def _is_data(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, ArrayRecord)):
+        return True
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.dtype.kind in "biuf"
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_key(k) for k in value) and all(_is_data(v) for v in value.values())
+    return False
+
+
+def _is_key(key: Any) -> bool:
+    return key is None or isinstance(key, (bool, int, float, str))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+    if isinstance(a, ArrayRecord):
+        return list(a) == list(b) and all(_array_fields(a[k]) == _array_fields(b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return bool(a == b)
+
+
+def _array_fields(array: Array) -> tuple:
+    return array.dtype, tuple(array.shape), array.stype, bytes(array.data)
+
+
+class _Encoder:
+    """Encodes data values as tagged JSON; arrays and bytes go to ``blobs``."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, np.ndarray] = {}
+
+    def _blob(self, value: np.ndarray) -> str:
+        name = f"b{len(self.blobs)}"
+        self.blobs[name] = np.ascontiguousarray(value)
+        return name
+
+    def encode(self, value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+            return {"$scalar": value.dtype.str, "blob": self._blob(np.asarray(value).reshape(1))}
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            return {"$ndarray": self._blob(value), "shape": list(value.shape)}
+        if isinstance(value, ArrayRecord):
+            items = [[k, {**self._array(a), "stype": a.stype}] for k, a in value.items()]
+            return {"$arrayrecord": items}
+        if isinstance(value, (list, tuple)):
+            return {"$tuple" if isinstance(value, tuple) else "$list": [self.encode(v, where) for v in value]}
+        if isinstance(value, dict) and all(_is_key(k) for k in value):
+            return {"$dict": [[self.encode(k, where), self.encode(v, where)] for k, v in value.items()]}
+        raise StateError(f"{where}: a {type(value).__name__} cannot be saved in a checkpoint (data types only)")
+
+    def _array(self, array: Array) -> dict[str, Any]:
+        return {"dtype": array.dtype, "shape": list(array.shape), "blob": self._blob(np.frombuffer(array.data, np.uint8))}
+
+
+def _decode(value: Any, blobs: dict[str, np.ndarray]) -> Any:
+    if not isinstance(value, dict):
+        return value
+    try:
+        if "$float" in value:
+            return float(value["$float"])
+        if "$scalar" in value:
+            return np.dtype(value["$scalar"]).type(blobs[value["blob"]][0])
+        if "$ndarray" in value:
+            return blobs[value["$ndarray"]].reshape(value["shape"]).copy()
+        if "$arrayrecord" in value:
+            return ArrayRecord({k: _decode_array(a, blobs) for k, a in value["$arrayrecord"]})
+        if "$list" in value:
+            return [_decode(v, blobs) for v in value["$list"]]
+        if "$tuple" in value:
+            return tuple(_decode(v, blobs) for v in value["$tuple"])
+        if "$dict" in value:
+            return {_decode(k, blobs): _decode(v, blobs) for k, v in value["$dict"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"the checkpoint's strategy state is malformed ({type(exc).__name__}: {exc})") from None
+    raise StateError(f"the checkpoint's strategy state holds an unknown entry {sorted(value)}")
+
+
+def _decode_array(entry: dict[str, Any], blobs: dict[str, np.ndarray]) -> Array:
+    data = blobs[entry["blob"]].tobytes()
+    return Array(dtype=entry["dtype"], shape=tuple(entry["shape"]), stype=entry["stype"], data=data)

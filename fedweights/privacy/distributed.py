@@ -1,0 +1,62 @@
+"""Distributed noise for user-level DP-FedAvg under encrypted aggregation (``--user-dp --he``).
+
+The coordinator cannot add noise to a sum it cannot read, so each client adds its share: a round
+that samples ``n`` clients asks each to clip its update Δ to L2 norm S and add
+N(0, (z·S)² / n) per coordinate before encrypting. The ``n`` independent shares of the clients
+that reply sum to N(0, (z·S)²), so the decrypted sum Σ clip(Δ_k) + noise is distributed exactly
+as in central DP-FedAvg (``UserLevelDPFedAvg``) and is accounted the same way (Poisson-sampled
+Gaussian, PLD). This assumes honest clients: each adds its share and keeps it secret; a client
+that skips its share, or colludes with the decrypting side, weakens everyone's guarantee.
+
+When only K < n of the sampled clients' updates make it into the sum (dropouts, rejected
+updates), the sum carries only K shares, noise std z·S·sqrt(K/n): that round is accounted with
+the noise multiplier z·sqrt(K/n) (:func:`effective_noise_multiplier`), so the reported ε is never
+below the noise that was actually added. A round with an empty Poisson sample asks one node for
+a noise-only share (its data unused, std z·S), as central DP-FedAvg releases noise in such a round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+COHORT_METRIC = "user-dp-cohort"  # train-reply metric: the cohort size the client's share assumed
+
+
+def noise_share_std(noise_multiplier: float, clipping_norm: float, cohort: int) -> float:
+    """Std of one client's share when ``cohort`` clients were sampled: z·S/sqrt(n)."""
+    if cohort < 1:
+        raise ValueError(f"a round needs at least one client to carry the noise, got cohort {cohort}")
+    return noise_multiplier * clipping_norm / math.sqrt(cohort)
+
+
+def effective_noise_multiplier(noise_multiplier: float, summed: int, cohort: int) -> float:
+    """The noise multiplier of a sum that holds ``summed`` of the ``cohort`` planned shares."""
+    if not 1 <= summed <= cohort:
+        raise ValueError(f"summed shares must be between 1 and the cohort {cohort}, got {summed}")
+    return noise_multiplier * math.sqrt(summed / cohort)
+
+
+def clip_and_noise(
+    delta: Mapping[str, torch.Tensor],
+    clipping_norm: float,
+    share_std: float,
+    rng: np.random.Generator,
+    noise_only: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``clip(Δ, S) + N(0, share_std²)`` per coordinate (float64 math, each tensor's dtype kept).
+
+    ``noise_only``: the client's data is not used (Δ taken as 0), only its noise share is sent.
+    """
+    arrays = {k: t.detach().cpu().double().numpy() for k, t in delta.items()}
+    if noise_only:
+        arrays = {k: np.zeros_like(a) for k, a in arrays.items()}
+    norm = math.sqrt(sum(float(np.sum(np.square(a))) for a in arrays.values()))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    return {
+        k: torch.from_numpy(a * scale + rng.normal(0.0, share_std, a.shape)).to(delta[k].dtype)
+        for k, a in arrays.items()
+    }
