@@ -9,6 +9,7 @@ from . import simulate as _simulate  # noqa: F401 - registers `fedweights simula
 from . import he as _he  # noqa: F401 - registers `fedweights keys he`, `decrypt`, `bench he`
 from . import bench_round as _bench_round  # noqa: F401 - registers `fedweights bench round`
 from . import privacy as _privacy, report as _report  # noqa: F401 - `privacy plan`, `report`
+from . import deploy as _deploy  # noqa: F401 - `fedweights server`, `client`, `keys tls`, `keys node`
 from . import registry as _registry, weights as _weights  # noqa: F401 - `fedweights registry`, `fedweights weights`
 from .app import app, err_console
 

@@ -20,7 +20,7 @@ from ..proximal import PROXIMAL_MU_KEY, local_criterion
 from ..task import ClientData
 from ..training import evaluate, make_optimizer, select_device, train_epochs
 from .encryption import plaintext_global, received_state, reply_arrays, reply_metrics
-from .runtime import Runtime, node_partition, runtime_from_context
+from .runtime import NODE_DATA, NODE_DEVICE, Runtime, node_partition, runtime_from_context
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -52,8 +52,8 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     config = runtime.config
     server_round = int(msg.content[CONFIG].get("server-round", 0))
     pid, num = node_partition(context, config)
-    data = _client_data(runtime, pid, num)
-    device = select_device(config.device)
+    data = _client_data(runtime, pid, num, _node_data_path(context))
+    device = select_device(_node_device(context, config))
     model = _model_from(msg, context, runtime)
     seed = config.seed * 100_003 + server_round * 1_009 + pid
     train_data = attacks.poison_labels(config.attack, pid, data.train, runtime.task().train_data)
@@ -88,9 +88,10 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     """Evaluate the received global model on this node's test shard."""
     config = runtime.config
     pid, num = node_partition(context, config)
-    data = _client_data(runtime, pid, num)
+    data = _client_data(runtime, pid, num, _node_data_path(context))
     model = _model_from(msg, context, runtime)
-    loss, accuracy, count = evaluate(model, DataLoader(data.test, batch_size=256), select_device(config.device))
+    device = select_device(_node_device(context, config))
+    loss, accuracy, count = evaluate(model, DataLoader(data.test, batch_size=256), device)
     if count == 0:  # more clients than test examples: this node has nothing to evaluate
         loss, accuracy = 0.0, 0.0
     metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy, NUM_EXAMPLES: count})
@@ -100,7 +101,7 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
 def query_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     """Answer the coordinator's question about this node: its number of training examples."""
     pid, num = node_partition(context, runtime.config)
-    metrics = MetricRecord({NUM_EXAMPLES: len(_client_data(runtime, pid, num).train)})
+    metrics = MetricRecord({NUM_EXAMPLES: len(_client_data(runtime, pid, num, _node_data_path(context)).train)})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
@@ -111,8 +112,21 @@ def _model_from(msg: Message, context: Context, runtime: Runtime) -> torch.nn.Mo
 
 
 @lru_cache(maxsize=8)
-def _client_data(runtime: Runtime, partition_id: int, num_partitions: int) -> ClientData:
+def _client_data(runtime: Runtime, partition_id: int, num_partitions: int, data_path: str | None = None) -> ClientData:
+    if data_path:  # `fedweights client --data FILE.npz`: the node brings its own examples
+        from ..data.node_data import load_node_data
+
+        return ClientData(*load_node_data(data_path))
     return runtime.task().client_data(partition_id, num_partitions, runtime.config)
+
+
+def _node_data_path(context: Context) -> str | None:
+    return str(context.node_config[NODE_DATA]) if context.node_config.get(NODE_DATA) else None
+
+
+def _node_device(context: Context, config) -> str:
+    """The node's ``--device`` (node config) wins over the run config's ``device``."""
+    return str(context.node_config.get(NODE_DEVICE) or config.device)
 
 
 app = build_client_app()

@@ -29,6 +29,10 @@ from .node_wait import BoundedNodeWait, NodeWaitTimeout
 from .runtime import Runtime
 
 
+NO_REPLY = "no reply within round_timeout"
+RUN_ID_KEY = "fedweights-run-id"  # in every train message's config: the run id, the same after --resume
+
+
 class StopRun(Exception):
     """Raised by ``RoundHooks.on_train_replies`` to end the run early but cleanly (e.g. every
     client's privacy budget is spent): the round is not aggregated, the run is saved as completed
@@ -121,7 +125,7 @@ def run_federation(
             started = time.monotonic()
             try:
                 arrays, train_metrics, failures, used = _train_round_with_retries(
-                    grid, strategy, runtime, server_round, arrays, hooks, run_dir, reporter
+                    grid, strategy, runtime, server_round, arrays, hooks, run_dir, reporter, run_id
                 )
             except StopRun as stop:
                 stopped = {"stopped_early": f"round {server_round}: {stop}"}
@@ -157,14 +161,14 @@ def run_federation(
     return RunResult(run_dir.path, records)
 
 
-def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: int, arrays, hooks, run_dir, reporter):
+def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: int, arrays, hooks, run_dir, reporter, run_id):
     """``_train_round``, re-run (fresh sampling) after a failure when ``on_round_timeout="retry"``;
     every failed attempt is logged in metrics.json. The last failure ends the run."""
     config = runtime.config
     attempts = 1 + (config.round_retries if config.on_round_timeout == "retry" else 0)
     for attempt in range(1, attempts + 1):
         try:
-            return _train_round(grid, strategy, runtime, server_round, arrays, hooks)
+            return _train_round(grid, strategy, runtime, server_round, arrays, hooks, run_id)
         except RunFailed as exc:
             run_dir.record_failed_attempt(server_round, attempt, str(exc))
             if attempt < attempts:
@@ -178,10 +182,11 @@ def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: in
     raise AssertionError("unreachable")
 
 
-def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: ArrayRecord, hooks):
+def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: ArrayRecord, hooks, run_id: str = ""):
     config = runtime.config
+    train_config = ConfigRecord({RUN_ID_KEY: run_id})  # clients key state that outlives a resume by it
     with grid.waiting(config.round_timeout, config.wait_for_clients, f"round {server_round}"):
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
     failures = failure_reasons(sent, replies)
     for hook in hooks:
@@ -216,6 +221,8 @@ def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayReco
     except NodeWaitTimeout as exc:
         failures.append({"node": "-", "reason": f"evaluation skipped: {exc}"})
         return None
+    silent = {f["node"] for f in failures if f["reason"] == NO_REPLY}  # gone quiet in training (dead?): do not wait again
+    messages = [m for m in messages if str(m.metadata.dst_node_id) not in silent]
     if not messages:
         return None
     return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
@@ -228,7 +235,7 @@ def failure_reasons(sent: Sequence[Message], replies: Sequence[Message]) -> list
     ]
     answered = {r.metadata.src_node_id for r in replies}
     failures += [
-        {"node": str(m.metadata.dst_node_id), "reason": "no reply within round_timeout"}
+        {"node": str(m.metadata.dst_node_id), "reason": NO_REPLY}
         for m in sent
         if m.metadata.dst_node_id not in answered
     ]

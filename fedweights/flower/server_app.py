@@ -6,8 +6,11 @@ from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.http_grid import HttpGrid
 
+from ..errors import UserError
 from ..progress import RichReporter
+from .fast_grid import FastPollGrid
 from .round_loop import run_federation
 from .runtime import Runtime, runtime_from_context
 
@@ -21,7 +24,13 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, runtime_fn(context), reporter=reporter)
+        if not isinstance(grid, HttpGrid):
+            run_federation(grid, runtime_fn(context), reporter=reporter)
+            return
+        try:  # deployment: poll for replies faster than Flower's 3 s
+            run_federation(FastPollGrid(grid), runtime_fn(context), reporter=reporter)
+        except UserError as exc:  # a clear failure (recorded in metrics.json): no ServerApp traceback
+            (reporter or RichReporter()).console.print(f"[bold red]run failed:[/bold red] {exc}", highlight=False)
 
     return app
 

@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 
 from ..fileio import atomic_write_json
 from ..flower.runtime import NODE_STATE_DIR, PARTITION_ID, Runtime
+
+RUN_ID_KEY = "fedweights-run-id"  # = fedweights.flower.round_loop.RUN_ID_KEY (not imported: clients skip the round loop)
 from .accounting import epsilon
 from .dp_sgd import RoundPlan, train_private_round
 from .plan import client_delta, round_plan
@@ -91,11 +93,16 @@ class FileStateStore:
         atomic_write_json(self.path, state.data)
 
 
-def accountant_store(context: Context) -> ContextStateStore | FileStateStore:
-    """A file under the node's ``state-dir`` when it has one, else Flower's ``context.state``."""
+def accountant_store(context: Context, run_id: str | None = None) -> ContextStateStore | FileStateStore:
+    """A file under the node's ``state-dir`` when it has one, else Flower's ``context.state``.
+
+    The file is named after the fedweights run id (``run_id``, sent by the coordinator; it stays
+    the same when a run is resumed, which starts a new Flower run), else Flower's run id.
+    """
     state_dir = context.node_config.get(NODE_STATE_DIR)
     if state_dir:
-        return FileStateStore(Path(str(state_dir)) / f"dp-accountant-run-{context.run_id}.json")
+        name = f"dp-accountant-{run_id}.json" if run_id else f"dp-accountant-run-{context.run_id}.json"
+        return FileStateStore(Path(str(state_dir)) / name)
     return ContextStateStore(context)
 
 
@@ -123,7 +130,7 @@ def train_privately(
     dp = config.dp
     client_id = client_id_of(context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    store = accountant_store(context)
+    store = accountant_store(context, str(msg.content["config"].get(RUN_ID_KEY, "")) or None)
     state = store.load()
     plan = round_plan(len(data), config, state.sigma_for(config))
     delta = client_delta(len(data), dp)

@@ -1,0 +1,1 @@
+"""Running fedweights across machines: key material, Flower processes, `server` and `client`."""

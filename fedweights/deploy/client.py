@@ -1,0 +1,159 @@
+"""``fedweights client``: a Flower SuperNode that runs the fedweights ClientApp on this node's data.
+
+The node's settings travel as Flower node config (keys in ``fedweights.flower.runtime``): which
+partition of the built-in/task data it holds or the path of its own data, its device, its HE
+secret key and a state directory that keeps its DP accountant across restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ..errors import UserError
+from ..flower import runtime as keys
+from .processes import ProcessGroup, flower_executable, free_port, split_address
+
+EXIT_AUTH_FAILED = 305  # Flower: the SuperLink refused this node (API error 2004)
+REGISTER_WAIT_SECONDS = 60.0
+
+
+class NodeNotAuthorized(UserError):
+    """The server refused this node: its public key is not registered there."""
+
+    exit_code = 5
+
+NOT_REGISTERED = (
+    "this node's public key is not registered on the server: ask the operator to add {pub} to the "
+    "server's --authorized-nodes directory (and restart the server), then start this client again"
+)
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How this node trusts the server (``--root-cert`` CA) and proves who it is (``--node-key``)."""
+
+    root_cert: Path | None = None
+    node_key: Path | None = None
+    insecure: bool = False
+
+    def validate(self) -> None:
+        """TLS unless --insecure; the files must exist; the private key must be private."""
+        if self.insecure and (self.root_cert or self.node_key):
+            raise UserError("--insecure contradicts --root-cert/--node-key: node keys need TLS; give one or the other")
+        if not self.insecure and not self.root_cert:
+            raise UserError(
+                "TLS is on by default: give --root-cert CA.crt (the server operator's ca.crt), "
+                "or --insecure to talk to an insecure server"
+            )
+        for option, path in (("--root-cert", self.root_cert), ("--node-key", self.node_key)):
+            if path is not None and not Path(path).is_file():
+                raise UserError(f"{option} {path} does not exist")
+        if self.node_key is not None and Path(self.node_key).stat().st_mode & 0o077:
+            raise UserError(f"--node-key {self.node_key} is readable by others: chmod 600 it")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What this node trains on and where it keeps its state."""
+
+    partition: str | None = None  # "i/n"
+    data: Path | None = None
+    device: str | None = None
+    he_key: Path | None = None
+    state_dir: Path | None = None
+
+    def node_config(self, name: str) -> dict[str, str | int]:
+        """Flower node config for these settings (checked)."""
+        if self.partition is None and self.data is None:
+            raise UserError("say what this node trains on: --partition i/n (built-in data) or --data FILE.npz")
+        config: dict[str, str | int] = {}
+        if self.partition is not None:
+            match = re.fullmatch(r"(\d+)/(\d+)", self.partition)
+            if not match or not int(match[1]) < int(match[2]):
+                raise UserError(f"--partition must look like i/n with 0 <= i < n (e.g. 0/2), got {self.partition!r}")
+            config[keys.PARTITION_ID], config[keys.NUM_PARTITIONS] = int(match[1]), int(match[2])
+        if self.data is not None:
+            if not Path(self.data).is_file():
+                raise UserError(f"--data {self.data} does not exist")
+            config[keys.NODE_DATA] = str(Path(self.data).resolve())
+        if self.device is not None:
+            if self.device not in ("auto", "cpu", "cuda"):
+                raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            config[keys.NODE_DEVICE] = self.device
+        if self.he_key is not None:
+            if not Path(self.he_key).is_file():
+                raise UserError(f"--he-key {self.he_key} does not exist (make keys with `fedweights keys he`)")
+            config[keys.NODE_HE_KEY] = str(Path(self.he_key).resolve())
+        state_dir = Path(self.state_dir or Path.home() / ".fedweights" / "nodes" / name).resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config[keys.NODE_STATE_DIR] = str(state_dir)
+        return config
+
+
+def node_name(security: ClientSecurity, settings: NodeSettings) -> str:
+    """A name for this node's state and logs: its key's file name, else its partition."""
+    if security.node_key is not None:
+        return Path(security.node_key).name
+    if settings.partition is not None:
+        return "partition-" + settings.partition.split("/")[0]
+    return Path(settings.data or "node").stem
+
+
+def run_client(
+    server: str,
+    security: ClientSecurity,
+    settings: NodeSettings,
+    console: Console | None = None,
+    register_wait: float = REGISTER_WAIT_SECONDS,
+) -> int:
+    """Run a SuperNode connected to ``server`` until it stops or we are interrupted; its exit code.
+
+    A node the server refuses is retried for ``register_wait`` seconds before giving up.
+    """
+    console = console or Console()
+    split_address(server, "--server")
+    security.validate()
+    name = node_name(security, settings)
+    node_config = settings.node_config(name)
+    state_dir = Path(str(node_config[keys.NODE_STATE_DIR]))
+    if security.insecure:
+        console.print("[bold red]WARNING: --insecure: this node's updates travel unencrypted and the server "
+                      "is not authenticated. Use --root-cert outside a trusted test network.[/bold red]")
+    argv = [flower_executable("flower-supernode"), "--superlink", server, "--port", str(free_port()),
+            "--node-config", " ".join(f"{k}={_value(v)}" for k, v in node_config.items())]
+    if security.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(Path(security.root_cert).resolve())]
+    if security.node_key is not None:
+        argv += ["--auth-supernode-private-key", str(Path(security.node_key).resolve())]
+    console.print(f"client {name}: SuperNode connecting to {server} (logs: {state_dir / 'logs'})")
+    deadline = time.monotonic() + register_wait
+    while True:
+        with ProcessGroup(state_dir / "logs") as group:
+            supernode = group.start("supernode", argv)
+            while supernode.poll() is None:
+                time.sleep(0.2)
+            code = supernode.returncode
+            log = group.log_tail("supernode", 40)
+        refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
+        if not refused or time.monotonic() >= deadline:
+            break
+        # A server registers node keys just after its SuperLink starts: a node that was quicker retries.
+        console.print("the server refused this node (key not registered yet?); retrying")
+        time.sleep(2)
+    if refused:
+        pub = f"{security.node_key}.pub" if security.node_key else "this node's NAME.pub"
+        raise NodeNotAuthorized(NOT_REGISTERED.format(pub=pub))
+    if code != 0:
+        raise UserError(f"the SuperNode exited with code {code}:\n{log}")
+    return code
+
+
+def _value(value: str | int) -> str:
+    return str(value) if isinstance(value, int) else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,172 @@
+"""``fedweights server``: a Flower SuperLink plus the fedweights ServerApp run on it.
+
+Everything lives in the run directory: ``metrics.json``, ``model.safetensors`` (``model.he``
+under ``--he``) and privacy files as with ``simulate``, plus ``deploy/`` holding the SuperLink
+database, a private ``FLWR_HOME``, the generated Flower App and the process logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ..config import RunConfig
+from ..errors import RunFailed, UserError
+from ..flower.round_loop import RunResult
+from ..registry.auth import CA_FILE, SERVER_CERT, SERVER_KEY, tls_file
+from ..registry.publish import preflight as publish_preflight
+from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..strategies import build_strategy
+from .federation import FEDERATION, write_app_dir, write_flwr_home
+from .keys import authorized_keys
+from .processes import ProcessGroup, flower_executable, split_address, wait_healthy
+
+DEPLOY_DIR = "deploy"
+DATABASE = "superlink.db"
+_FLOWER_LOG_MARKERS = ("INFO ", "WARNING ", "DEBUG ", ":INFO:", ":WARNING:", ":DEBUG:", "Flower App configuration", "- Recommended property")
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """How the SuperLink is reached: TLS files (``ca.crt``, ``server.pem``, ``server.key``) or
+    explicitly insecure, and the directory of node public keys allowed to join (TLS only)."""
+
+    tls_dir: Path | None = None
+    authorized_nodes: Path | None = None
+    insecure: bool = False
+
+    def validate(self) -> None:
+        """TLS unless --insecure; node authentication needs TLS (Flower's rule)."""
+        if self.insecure and self.tls_dir:
+            raise UserError("--insecure and --tls-dir contradict each other: give one")
+        if not self.insecure and not self.tls_dir:
+            raise UserError(
+                "TLS is on by default: give --tls-dir DIR (make one with `fedweights keys tls --out DIR "
+                "--host SERVER_NAME_OR_IP`), or --insecure to send everything in plaintext"
+            )
+        if self.authorized_nodes and self.insecure:
+            raise UserError("--authorized-nodes needs TLS (Flower authenticates nodes over TLS only): drop --insecure")
+        if self.tls_dir:
+            for name in (CA_FILE, SERVER_CERT, SERVER_KEY):
+                tls_file(self.tls_dir, name)
+        if self.authorized_nodes:
+            authorized_keys(self.authorized_nodes)
+
+
+def run_server(
+    config: RunConfig,
+    address: str,
+    security: ServerSecurity,
+    console: Console | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Start a SuperLink on ``address``, run ``config`` on the nodes that connect; the run's records.
+
+    Raises ``UserError`` for bad settings before any process starts and ``RunFailed`` when the
+    run does not complete.
+    """
+    console = console or Console()
+    config.validate()
+    security.validate()
+    host, port = split_address(address, "--address")
+    _check_he(config)
+    build_strategy(config)  # fail fast on an unknown or unloadable strategy
+    publish_preflight(config)
+    out = Path(config.out) if config.out else default_run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    config = _absolute_paths(dataclasses.replace(config, out=str(out.resolve())))
+    deploy = out / DEPLOY_DIR
+    home, logs = deploy / "flwr-home", deploy / "logs"
+    if security.insecure:
+        console.print("[bold red]WARNING: --insecure: model updates and metrics travel unencrypted and any "
+                      "process that can reach the port may join. Use --tls-dir outside a trusted test network.[/bold red]")
+    elif not security.authorized_nodes:
+        console.print("[yellow]warning: no --authorized-nodes: any node that trusts the CA may join the run[/yellow]")
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where this machine reaches the SuperLink
+    ca = str(Path(security.tls_dir, CA_FILE).resolve()) if security.tls_dir else None
+    write_flwr_home(home, f"{connect}:{port}", ca)
+    app_dir = write_app_dir(deploy / "app", config)
+    with ProcessGroup(logs, env={"FLWR_HOME": str(home.resolve())}) as group:
+        superlink = group.start("superlink", _superlink_argv(host, port, deploy / DATABASE, security))
+        scheme = "http" if security.insecure else "https"
+        wait_healthy(f"{scheme}://{connect}:{port}/health", superlink, "the SuperLink (see deploy/logs/superlink.log)")
+        if security.authorized_nodes:
+            _register(group, authorized_keys(security.authorized_nodes))
+        console.print(f"SuperLink listening on {host}:{port} ({'insecure' if security.insecure else 'TLS'}); "
+                      f"waiting for {config.wait_for_clients} client(s)")
+        _stream_run(group, app_dir, console, verbose)
+    metrics = RunDir(out).read_metrics() if (out / "metrics.json").exists() else {}
+    if metrics.get("status") != "completed":
+        detail = metrics.get("error") or f"see {logs}/superlink.log"
+        raise RunFailed(f"the run did not complete (status {metrics.get('status', 'not started')!r}): {detail}")
+    return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+
+
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """File paths in the config made absolute: the ServerApp runs in another process and directory."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path else None
+
+    he = dataclasses.replace(config.he, server_key=absolute(config.he.server_key))
+    publish = dataclasses.replace(
+        config.publish, token_file=absolute(config.publish.token_file), tls_dir=absolute(config.publish.tls_dir)
+    )
+    return dataclasses.replace(config, he=he, publish=publish)
+
+
+def _check_he(config: RunConfig) -> None:
+    if not config.he.enabled:
+        return
+    if not config.he.server_key:
+        raise UserError("--he needs the coordinator's key: --he-server-key DIR/server.ctx (from `fedweights keys he`)")
+    if not Path(config.he.server_key).is_file():
+        raise UserError(f"--he-server-key {config.he.server_key} does not exist")
+    if config.he.key:
+        raise UserError("the server must not hold the HE secret key: drop he.key (clients pass --he-key)")
+
+
+def _superlink_argv(host: str, port: int, database: Path, security: ServerSecurity) -> list[str]:
+    argv = [
+        flower_executable("flower-superlink"), "--host", host, "--port", str(port),
+        "--database", str(database.resolve()), "--disable-runtime-dependency-installation",
+    ]
+    if security.insecure:
+        return [*argv, "--insecure"]
+    tls = Path(security.tls_dir).resolve()
+    argv += ["--ssl-certfile", str(tls / SERVER_CERT), "--ssl-keyfile", str(tls / SERVER_KEY),
+             "--ssl-ca-certfile", str(tls / CA_FILE)]
+    return [*argv, "--enable-supernode-auth"] if security.authorized_nodes else argv
+
+
+def _register(group: ProcessGroup, public_keys: list[Path]) -> None:
+    """``flwr supernode register KEY.pub`` for every key, in parallel; keys already registered are fine."""
+    flwr = flower_executable("flwr")
+    runs = {
+        key: subprocess.Popen(
+            [flwr, "supernode", "register", str(key.resolve()), FEDERATION],
+            env=group.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for key in public_keys
+    }
+    for key, proc in runs.items():
+        output, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0 and "already" not in output.lower():
+            raise UserError(f"registering node key {key} failed: {output.strip()[-500:]}")
+
+
+def _stream_run(group: ProcessGroup, app_dir: Path, console: Console, verbose: bool) -> None:
+    """``flwr run APP fedweights --stream``, echoing the ServerApp's progress until the run ends."""
+    argv = [flower_executable("flwr"), "run", str(app_dir.resolve()), FEDERATION, "--stream"]
+    run = group.start("flwr-run", argv, stdout=subprocess.PIPE)
+    assert run.stdout is not None
+    for raw in run.stdout:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if verbose or not any(marker in line for marker in _FLOWER_LOG_MARKERS):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if run.wait() != 0:
+        sys.stderr.write(group.log_tail("flwr-run") + "\n")

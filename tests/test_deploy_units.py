@@ -1,0 +1,111 @@
+"""Deployment building blocks without a federation: key material, refusals of insecure or
+incomplete setups, the generated Flower App, node settings and process clean-up."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import stat
+import sys
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedweights.config import RunConfig, load_config, tomllib
+from fedweights.deploy.client import ClientSecurity, NodeSettings
+from fedweights.deploy.federation import write_app_dir, write_flwr_home
+from fedweights.deploy.keys import authorized_keys, make_node_key, make_tls
+from fedweights.deploy.processes import ProcessGroup, descendants
+from fedweights.deploy.server import ServerSecurity
+from fedweights.errors import UserError
+
+
+def test_tls_keys_chain_to_the_ca_and_name_the_hosts(tmp_path):
+    files = make_tls(tmp_path, ["coordinator.example", "10.1.2.3"], client=True)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    client = x509.load_pem_x509_certificate(files.client_cert.read_bytes())
+    for cert in (server, client):
+        cert.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "coordinator.example" in names.get_values_for_type(x509.DNSName)
+    assert ipaddress.ip_address("10.1.2.3") in names.get_values_for_type(x509.IPAddress)
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    for key in (files.server_key, files.client_key, tmp_path / "ca.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(UserError, match="--force"):
+        make_tls(tmp_path)
+
+
+def test_node_key_is_private_p384_with_an_openssh_public_half(tmp_path):
+    files = make_node_key(tmp_path, "site-a")
+    assert stat.S_IMODE(files.private.stat().st_mode) == 0o600
+    private = serialization.load_ssh_private_key(files.private.read_bytes(), password=None)
+    public = serialization.load_ssh_public_key(files.public.read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert authorized_keys(tmp_path) == [files.public]
+    with pytest.raises(UserError, match="node name"):
+        make_node_key(tmp_path, "../escape")
+
+
+def test_server_and_client_refuse_insecure_or_incomplete_setups(tmp_path):
+    with pytest.raises(UserError, match="TLS is on by default"):
+        ServerSecurity().validate()
+    with pytest.raises(UserError, match="needs TLS"):
+        ServerSecurity(authorized_nodes=tmp_path, insecure=True).validate()
+    with pytest.raises(UserError, match="no server.pem"):
+        (tmp_path / "ca.crt").write_text("x")
+        ServerSecurity(tls_dir=tmp_path).validate()
+    with pytest.raises(UserError, match="--root-cert"):
+        ClientSecurity().validate()
+    key = make_node_key(tmp_path / "k", "n0").private
+    key.chmod(0o644)
+    with pytest.raises(UserError, match="chmod 600"):
+        ClientSecurity(root_cert=key, node_key=key).validate()
+    with pytest.raises(UserError, match="i/n"):
+        NodeSettings(partition="2/2", state_dir=tmp_path).node_config("n0")
+    with pytest.raises(UserError, match="--partition i/n"):
+        NodeSettings(state_dir=tmp_path).node_config("n0")
+
+
+def test_cli_says_how_to_get_tls(cli, tmp_path):
+    result = cli("server", "--address", "127.0.0.1:1", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "fedweights keys tls" in result.stderr and "Traceback" not in result.stderr
+    result = cli("client", "--server", "127.0.0.1:1", "--partition", "0/2")
+    assert result.returncode != 0 and "--root-cert" in result.stderr
+
+
+def test_generated_app_carries_the_whole_run_config(tmp_path):
+    config = load_config(None, {"rounds": 3, "dp.enabled": True, "dp.noise_multiplier": 1.5, "out": "/x/run"})
+    app = write_app_dir(tmp_path / "app", config)
+    data = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]
+    assert data["app"]["components"]["serverapp"] == "fedweights.flower.server_app:app"
+    flat = data["app"]["config"]
+    assert RunConfig.from_flat(flat) == config
+    home = write_flwr_home(tmp_path / "home", "127.0.0.1:9092", None)
+    assert tomllib.loads(home.read_text())["superlink"]["fedweights"]["insecure"] is True
+
+
+def test_process_group_stops_children_and_grandchildren(tmp_path):
+    with ProcessGroup(tmp_path) as group:
+        proc = group.start("tree", [sys.executable, "-c", "import subprocess,time; subprocess.Popen(['sleep','60']); time.sleep(60)"])
+        deadline = time.monotonic() + 10
+        while not descendants(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        family = [proc.pid, *descendants(proc.pid)]
+        assert len(family) == 2
+    time.sleep(0.5)
+    assert not [pid for pid in family if _alive(pid)]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
