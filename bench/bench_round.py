@@ -8,4 +8,4 @@ from fedweights.bench_round.bench import run as _run
 
 
 def run() -> dict:
-    return _run(rounds=3, repeats=1)
+    return _run(rounds=3, repeats=2)

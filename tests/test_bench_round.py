@@ -57,6 +57,7 @@ def test_stock_flower_app_declares_real_components():
 
 
 @pytest.mark.slow
+@pytest.mark.deploy  # real Flower processes, no Ray
 def test_local_federation_starts_healthy_and_leaves_nothing_behind(tmp_path):
     with LocalFederation(tmp_path, nodes=2) as federation:
         assert len(federation.processes) == 3

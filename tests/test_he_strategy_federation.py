@@ -108,15 +108,16 @@ def report_cli(capsys, monkeypatch, run_dir) -> tuple[int, str]:
 
 
 def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, capsys, monkeypatch):
-    user_dp = UserDPConfig(enabled=True, noise_multiplier=2.0, clipping_norm=1.0, clients_per_round=1)
-    for name, dp in (("user-only", DPConfig()), ("both", DPConfig(enabled=True, noise_multiplier=1.0))):
+    # q = 1/2 may sample nobody (no record-level spend at all); with both, q = 1 so the ledger has entries
+    for name, dp, m in (("user-only", DPConfig(), 1), ("both", DPConfig(enabled=True, noise_multiplier=1.0), 2)):
+        user_dp = UserDPConfig(enabled=True, noise_multiplier=2.0, clipping_norm=1.0, clients_per_round=m)
         config = RunConfig(clients=2, rounds=2, seed=0, out=str(tmp_path / name), user_dp=user_dp, dp=dp)
         run_dir = federate(config)
         privacy = json.loads((run_dir.path / "privacy.json").read_text())
         user = privacy["user_level"]
         assert set(user) >= USER_LEVEL_KEYS and user["noise"] == "central"
-        assert user["rounds"] == 2 and user["population"] == 2 and user["sample_rate"] == 0.5
-        assert user["epsilon"] == epsilon([(2.0, 0.5, 2)], 1e-5)  # both rounds count, sampled set empty or not
+        assert user["rounds"] == 2 and user["population"] == 2 and user["sample_rate"] == m / 2
+        assert user["epsilon"] == epsilon([(2.0, m / 2, 2)], 1e-5)  # both rounds count, sampled set empty or not
         assert ("clients" in privacy) == (name == "both")
         assert "User-level (client-level) differential privacy" in privacy["guarantee"]
         assert ("Record-level" in privacy["guarantee"]) == (name == "both")
@@ -143,3 +144,26 @@ def test_rounds_with_an_empty_sample_still_count(tmp_path):
         hook.on_train_replies(server_round, [])
     user = json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]
     assert user["rounds"] == 2 and user["epsilon"] == epsilon([(1.5, 0.2, 2)], 1e-5) > 0
+
+
+def test_a_resumed_run_continues_the_user_level_account(tmp_path):
+    """Resuming from the checkpoint of round 1 after round 2 was accounted: round 2 runs again and
+    counts again (its first model may have been released), so ε covers 3 rounds, never 1."""
+    import dataclasses
+
+    from fedweights.privacy.user_level_report import UserLevelPrivacyFile
+
+    config = RunConfig(clients=10, rounds=3, out=str(tmp_path / "run"),
+                       user_dp=UserDPConfig(enabled=True, noise_multiplier=1.5, clients_per_round=2))
+    run_dir = RunDir(config.out)
+    run_dir.start(config, run_id="r1")
+    first = UserLevelPrivacyFile(config, run_dir)
+    for server_round in (1, 2):
+        first.on_train_replies(server_round, [])
+    resumed = UserLevelPrivacyFile(dataclasses.replace(config, resume=True), run_dir)
+    resumed.on_train_replies(2, [])
+    user = json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]
+    assert user["rounds"] == 3 and user["epsilon"] == epsilon([(1.5, 0.2, 3)], 1e-5)
+    fresh = UserLevelPrivacyFile(config, run_dir)  # a new run in the same directory starts from zero
+    fresh.on_train_replies(1, [])
+    assert json.loads((run_dir.path / "user_privacy.json").read_text())["user_level"]["rounds"] == 1

@@ -52,7 +52,7 @@ out = "{out}"
 """
 
 
-def run(rounds: int = 3, repeats: int = 1, workdir: Path | None = None) -> dict:
+def run(rounds: int = 3, repeats: int = 2, workdir: Path | None = None) -> dict:
     """Run both apps ``repeats`` times each (alternating) for ``rounds`` rounds; return the results."""
     if rounds < 1 or repeats < 1:
         raise UserError("--rounds and --repeats must be >= 1")
@@ -132,6 +132,7 @@ def _summarise(rounds, repeats, up_s, fedweights_runs, stock_runs, imports) -> d
             "stock_flower": _setup(stock_runs, theirs),
         },
         "ratio": round(ratio, 3),
+        "ratio_median": round(statistics.median(ours) / statistics.median(theirs), 3),
         # same model, data and training: both apps must end on the same global model
         "same_final_accuracy": len({r["eval_accuracy"][-1] for r in fedweights_runs + stock_runs}) == 1,
         "target": f"fedweights <= {TARGET_RATIO}x stock Flower (mean seconds per round)",

@@ -14,7 +14,7 @@ from .app import bench_app, console
 @bench_app.command("round")
 def bench_round(
     rounds: int = typer.Option(3, help="Rounds per run."),
-    repeats: int = typer.Option(1, help="Runs of each app, alternating; all rounds count."),
+    repeats: int = typer.Option(2, help="Runs of each app, alternating; all rounds count."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     workdir: Optional[Path] = typer.Option(None, help="Keep logs and run directories here (default: a temp dir)."),
 ) -> None:
@@ -27,7 +27,7 @@ def bench_round(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     for name, setup in result["setups"].items():
         console.print(f"{name:>13}: {setup['mean_s']:.2f} s/round  (rounds: {setup['seconds_per_round']})")
-    console.print(f"ratio {result['ratio']:.3f}  (target ≤ 1.1×: {'met' if result['met'] else 'not met'})")
+    console.print(f"ratio {result['ratio']:.3f} of means, {result['ratio_median']:.3f} of medians  (target ≤ 1.1×: {'met' if result['met'] else 'not met'})")
     per_round = result["breakdown"]["per_round"]
     console.print("a round (stock Flower, s): " + ", ".join(f"{k} {v:.2f}" for k, v in per_round.items())
                   + f"  → dominated by {result['breakdown']['dominant']}")

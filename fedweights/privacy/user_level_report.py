@@ -2,7 +2,8 @@
 
 The file is rewritten (atomically) as soon as a round's training replies arrive, counting that
 round before its noised model is released, so a run that stops at any point never reports fewer
-rounds than it released. Every round counts, also one whose Poisson sample was empty.
+rounds than it released. Every round counts, also one whose Poisson sample was empty; a resumed
+run continues the account (a round run again after the checkpoint counts again).
 
 Under ``--he`` (distributed noise) a round whose sum holds only K of the n noise shares it asked
 for is accounted at the noise multiplier z·sqrt(K/n): first with K = the usable replies when
@@ -13,6 +14,7 @@ the noise actually in the released sum. ``privacy.json`` and ``report.html`` are
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 from flwr.app import ArrayRecord, Message
@@ -40,7 +42,8 @@ DISTRIBUTED_NOTE = (
     "so the coordinator only ever sees the encrypted, noised sum. The guarantee assumes honest clients: "
     "each adds its share and keeps it secret (a client that skips its share, or colludes with whoever "
     "decrypts, weakens it for everyone), and the coordinator announces the true cohort size n. Rounds whose "
-    "sum holds fewer shares than asked for are accounted with the smaller noise (history). Poisson client "
+    "sum holds fewer shares than asked for are accounted with the smaller noise (history; failures are "
+    "taken to be independent of the clients' data). Poisson client "
     "sampling with rate sample_rate; PLD accountant. Per-round logs in metrics.json are not covered."
 )
 
@@ -53,7 +56,7 @@ class UserLevelPrivacyFile(RoundHooks):
         self.distributed = config.he.enabled
         self.run_path = run_dir.path
         self.path = run_dir.path / USER_PRIVACY_FILE
-        self.history: list[Entry] = []  # one (z_round, q, 1) per round
+        self.history: list[Entry] = self._resumed_history() if config.resume else []  # one (z, q, 1) per round
 
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Account this round before its model is released."""
@@ -80,10 +83,21 @@ class UserLevelPrivacyFile(RoundHooks):
         """Write privacy.json and report.html (merged with the record-level report, if any)."""
         self._refresh_reports(final=True)
 
+    def _resumed_history(self) -> list[Entry]:
+        """A resumed run keeps every round it already accounted (a round run again after the
+        checkpoint counts twice: its first model may have been released before the stop)."""
+        if not self.path.exists():
+            return []
+        user = json.loads(self.path.read_text())["user_level"]
+        if "history" in user:
+            return [(float(z), float(q), int(n)) for z, q, n in user["history"]]
+        return [(float(user["noise_multiplier"]), float(user["sample_rate"]), 1)] * int(user["rounds"])
+
     def _book(self, server_round: int, noise_multiplier: float) -> None:
         p = self.plan
         self.history.append((noise_multiplier, p.sample_rate, 1))
-        spent = dataclasses.replace(p, rounds=server_round, epsilon=rounds_epsilon(self.history, p.delta))
+        rounds = max(server_round, len(self.history))  # rounds of the mechanism accounted
+        spent = dataclasses.replace(p, rounds=rounds, epsilon=rounds_epsilon(self.history, p.delta))
         content = {**spent.to_dict(), "noise": "distributed" if self.distributed else "central"}
         if self.distributed:
             content["history"] = [list(e) for e in self.history]
