@@ -62,17 +62,10 @@ def plan_command(
         "steps": total_steps,
         "accountant": accountant,
     }
-    if target_epsilon is not None:
-        result["target_epsilon"] = target_epsilon
-    if as_json:
-        typer.echo(json.dumps(result))
-        return
-    if target_epsilon is not None:
-        shown = _round_up(noise_multiplier)  # a copied value must still meet the target
-        console.print(f"smallest noise multiplier for epsilon <= {target_epsilon:g}: [bold]{shown:.6g}[/bold]")
-    console.print(
+    _show_plan(
+        result, target_epsilon, as_json, "epsilon",
         f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({accountant}) for {total_steps} steps "
-        f"at sample rate {sample_rate:.6g} with noise multiplier {noise_multiplier:.6g}"
+        f"at sample rate {sample_rate:.6g} with noise multiplier {noise_multiplier:.6g}",
     )
 
 
@@ -106,19 +99,25 @@ def _plan_user_level(population, clients_per_round, rounds, noise_multiplier, ta
         "population": population,
         "clients_per_round": clients_per_round,
     }
+    _show_plan(
+        result, target_epsilon, as_json, "user-level epsilon",
+        f"user-level epsilon = [bold]{format_epsilon(plan.epsilon, 6)}[/bold] at delta = {delta:g} (pld) for {rounds} "
+        f"rounds sampling {clients_per_round} of {population} clients on average (q = {plan.sample_rate:.6g}) "
+        f"with noise multiplier {plan.noise_multiplier:.6g}",
+    )
+
+
+def _show_plan(result: dict, target_epsilon: float | None, as_json: bool, what: str, summary: str) -> None:
+    """Print a plan as one JSON object, or as the calibrated noise (if asked for) and a summary line."""
     if target_epsilon is not None:
         result["target_epsilon"] = target_epsilon
     if as_json:
         typer.echo(json.dumps(result))
         return
     if target_epsilon is not None:
-        shown = _round_up(plan.noise_multiplier)
-        console.print(f"smallest noise multiplier for user-level epsilon <= {target_epsilon:g}: [bold]{shown:.6g}[/bold]")
-    console.print(
-        f"user-level epsilon = [bold]{format_epsilon(plan.epsilon, 6)}[/bold] at delta = {delta:g} (pld) for {rounds} "
-        f"rounds sampling {clients_per_round} of {population} clients on average (q = {plan.sample_rate:.6g}) "
-        f"with noise multiplier {plan.noise_multiplier:.6g}"
-    )
+        shown = _round_up(result["noise_multiplier"])  # a copied value must still meet the target
+        console.print(f"smallest noise multiplier for {what} <= {target_epsilon:g}: [bold]{shown:.6g}[/bold]")
+    console.print(summary)
 
 
 def _round_up(value: float, digits: int = 6) -> float:
