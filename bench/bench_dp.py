@@ -12,10 +12,12 @@ optimizer clips, adds noise, scales and counts the step for its accountant). Ext
   client shard (360 examples): plain ``train_epochs`` over a shuffled ``DataLoader`` as clients
   train without DP, versus ``_run_epochs`` over Opacus' Poisson ``DPDataLoader``; and one whole
   client round (``train_private_round``: Opacus set-up, the epoch, the accountant history);
-- ``empty_batch_ok``: whether the mode survives an empty batch, which Poisson sampling draws.
+- ``empty_batch_ok``: whether the mode survives an empty batch, which Poisson sampling draws;
+- ``direct_reference``: the same DP-SGD step written directly in torch (never used to train),
+  to show which share of the DP cost is Opacus' per-step bookkeeping rather than arithmetic.
 
-Step times: one process per case, the modes interleaved and repeated, the fastest median kept
-(other jobs on a shared machine only ever slow a block down). Peak memory: one fresh process per
+Step times: one process per case, short blocks of steps, the modes interleaved and repeated, the
+fastest block median kept (other jobs on a shared machine only ever slow a block down). Peak memory: one fresh process per
 case and mode (peak RSS on CPU, imports included, ~the same for every mode; allocated-memory
 growth on CUDA).
 """
@@ -93,31 +95,32 @@ class _Step:
 
     def split(self) -> dict[str, float]:
         """One step timed part by part (seconds); DP parts follow ``DPOptimizer.pre_step``."""
-        marks, opt = [time.perf_counter()], self.optimizer
-
-        def mark() -> None:
-            self._sync()
-            marks.append(time.perf_counter())
-
-        opt.zero_grad(set_to_none=True); mark()  # noqa: E702
-        loss = self.criterion(self.model(self.x), self.y); mark()  # noqa: E702
-        loss.backward(); mark()  # noqa: E702
+        opt, state = self.optimizer, {}
+        parts = [
+            ("zero_grad", lambda: opt.zero_grad(set_to_none=True)),
+            ("forward_loss", lambda: state.update(loss=self.criterion(self.model(self.x), self.y))),
+            ("backward", lambda: state["loss"].backward()),  # ghost: both passes and the clipping coefficients
+        ]
         if self.mode == "plain":
-            opt.step(); mark()  # noqa: E702
-            names = ("zero_grad", "forward_loss", "backward", "optimizer_step")
+            parts.append(("optimizer_step", opt.step))
         else:
-            opt.accumulate() if self.mode == "ghost" else opt.clip_and_accumulate(); mark()  # noqa: E702
-            if opt._check_skip_next_step():
-                raise RuntimeError("Opacus asked to skip a step; the split would be wrong")
-            opt.add_noise(); mark()  # noqa: E702
-            opt.scale_grad(); mark()  # noqa: E702
-            if opt.step_hook:
-                opt.step_hook(opt)  # the accountant counts the step
-            mark()
-            opt.original_optimizer.step(); mark()  # noqa: E702
-            names = ("zero_grad", "forward_loss", "backward", "clip_accumulate", "noise", "scale",
-                     "accountant_hook", "optimizer_step")
-        return {name: b - a for name, a, b in zip(names, marks, marks[1:])}
+            parts += [
+                ("clip_accumulate", opt.accumulate if self.mode == "ghost" else opt.clip_and_accumulate),
+                ("skip_check", lambda: state.update(skip=opt._check_skip_next_step())),
+                ("noise", opt.add_noise),
+                ("scale", opt.scale_grad),
+                ("accountant_hook", lambda: opt.step_hook and opt.step_hook(opt)),
+                ("optimizer_step", opt.original_optimizer.step),
+            ]
+        seconds = {}
+        for name, part in parts:
+            started = time.perf_counter()
+            part()
+            self._sync()
+            seconds[name] = time.perf_counter() - started
+            if state.get("skip"):
+                raise RuntimeError("Opacus asked to skip this step; the split would be wrong")
+        return seconds
 
 
 def _empty_batch_ok(case: dict, mode: str) -> bool:
@@ -129,10 +132,44 @@ def _empty_batch_ok(case: dict, mode: str) -> bool:
         return False
 
 
-def _median_ms(fn, min_runs: int = 3, max_runs: int = 30, budget_s: float = 0.5) -> float:
-    fn()  # warm-up
+def _direct_dp_step(case: dict):
+    """Reference only (fedweights never trains with it): the same DP-SGD step written directly in
+    torch for a stack of Linear/ReLU layers, to show how much of DP's cost is Opacus' per-step
+    bookkeeping rather than arithmetic. Per-example norms by the ghost identity
+    ||g aᵀ||² + ||g||² = ||g||²(||a||² + 1), flat clipping, N(0, (σC)²) noise on the sum, / batch."""
+    import torch
+    from torch import nn
+
+    model = _model(case)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(case["batch"], IN_FEATURES[case["model"]])
+    y = torch.randint(0, 10, (case["batch"],))
+    sigma, clip = 1.0, 1.0
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        inputs, outputs, h = [], [], x
+        for i, layer in enumerate(linears):
+            inputs.append(h)
+            outputs.append(layer(h))
+            h = outputs[-1].relu() if i < len(linears) - 1 else outputs[-1]
+        grads = torch.autograd.grad(nn.functional.cross_entropy(h, y, reduction="sum"), outputs)
+        norms = sum(g.pow(2).sum(1) * (a.pow(2).sum(1) + 1) for g, a in zip(grads, inputs)).sqrt()
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+        for layer, g, a in zip(linears, grads, inputs):
+            g = g * factor
+            layer.weight.grad = (g.t() @ a + sigma * clip * torch.randn_like(layer.weight)) / len(y)
+            layer.bias.grad = (g.sum(0) + sigma * clip * torch.randn_like(layer.bias)) / len(y)
+        optimizer.step()
+
+    return step
+
+
+def _median_ms(fn, max_runs: int = 10, budget_s: float = 0.2) -> float:
+    """Median of one short block of calls (at least one, at most ``max_runs`` or ``budget_s``)."""
     times, started = [], time.perf_counter()
-    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - started < budget_s):
+    while not times or (len(times) < max_runs and time.perf_counter() - started < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -140,20 +177,25 @@ def _median_ms(fn, min_runs: int = 3, max_runs: int = 30, budget_s: float = 0.5)
 
 
 def _time_modes(case: dict, repeats: int, queue) -> None:
-    """Step time and its split per mode, modes interleaved ``repeats`` times, fastest median kept."""
+    """Step time and its split per mode: short blocks, the modes interleaved ``repeats`` times, the
+    fastest block median kept (other jobs on a shared machine only ever slow a block down)."""
     import torch
 
     torch.set_num_threads(case["threads"])
-    steps = {mode: _Step(case, mode) for mode in MODES}
+    steppers = {mode: _Step(case, mode) for mode in MODES}
+    steps = {mode: s.run for mode, s in steppers.items()} | {"direct_reference": _direct_dp_step(case)}
+    for fn in steps.values():
+        fn()  # warm-up
     best: dict[str, float] = {}
     splits: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for _ in range(repeats):
-        for mode, step in steps.items():
-            best[mode] = min(best.get(mode, float("inf")), _median_ms(step.run))
-            splits[mode] += [step.split() for _ in range(3 if case["batch"] > 64 else 20)]
+        for name, fn in steps.items():
+            best[name] = min(best.get(name, float("inf")), _median_ms(fn))
+            if name in steppers:
+                splits[name] += [steppers[name].split() for _ in range(5 if case["batch"] <= 64 else 1)]
     split_ms = {m: {k: round(1000 * statistics.median(s[k] for s in rows), 3) for k in rows[0]} for m, rows in splits.items()}
     queue.put({
-        "step_ms": {mode: round(t, 3) for mode, t in best.items()},
+        "step_ms": {name: round(t, 3) for name, t in best.items()},
         "split_ms": split_ms,
         "empty_batch_ok": {mode: _empty_batch_ok(case, mode) for mode in DP_MODES},
     })
@@ -211,9 +253,9 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
     rounds = {"plain": plain_round, "hooks": dp_round("hooks"), "ghost": dp_round("ghost")}
     best: dict[str, dict[str, float]] = {"epoch": {}, "loader": {}, "round": {}}
     for _ in range(repeats):
-        for kind, fns in (("epoch", epochs), ("loader", loaders), ("round", rounds)):
+        for kind, fns in (("epoch", epochs), ("loader", loaders), ("round", rounds)):  # interleaved
             for name, fn in fns.items():
-                best[kind][name] = min(best[kind].get(name, float("inf")), _median_ms(fn, max_runs=10, budget_s=1.0))
+                best[kind][name] = min(best[kind].get(name, float("inf")), _median_ms(fn, max_runs=3, budget_s=0.3))
     per_step = {m: round(t / n_steps, 3) for m, t in best["epoch"].items()}
     queue.put({
         "examples": len(shard), "steps_per_epoch": n_steps,
@@ -252,14 +294,15 @@ def _in_fresh_process(target, *args) -> dict:
     return result
 
 
-def run(repeats: int = 3) -> dict:
+def run(repeats: int = 9) -> dict:
     """Measure every case x mode; return the JSON-ready results with ratios to plain SGD."""
     from fedweights.privacy.dp_sgd import choose_grad_sample_mode
 
     results = {}
     for name, case in CASES.items():
         timed = _in_fresh_process(_time_modes, case, repeats)
-        times = timed["step_ms"]
+        times = {m: timed["step_ms"][m] for m in MODES}
+        direct = timed["step_ms"]["direct_reference"]
         auto = choose_grad_sample_mode(_model(case))
         usable = [m for m in DP_MODES if timed["empty_batch_ok"][m]]
         row = {
@@ -273,6 +316,8 @@ def run(repeats: int = 3) -> dict:
             "fastest_usable_time_ratio": round(min(times[m] for m in usable) / times["plain"], 2),
             "empty_batch_ok": timed["empty_batch_ok"],
             "split_ms": timed["split_ms"],
+            # not a mode fedweights uses: the same DP-SGD math without Opacus, for scale
+            "direct_reference": {"step_ms": direct, "time_ratio": round(direct / times["plain"], 2)},
         }
         row["meets_target"] = row["auto_time_ratio"] <= TARGET_RATIO
         if case["threads"] == 1:  # memory does not depend on the thread count
