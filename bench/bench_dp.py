@@ -17,9 +17,9 @@ optimizer clips, adds noise, scales and counts the step for its accountant). Ext
   to show which share of the DP cost is Opacus' per-step bookkeeping rather than arithmetic.
 
 Step times: one process per case, short blocks of steps, the modes interleaved and repeated, the
-fastest block median kept (other jobs on a shared machine only ever slow a block down). Peak memory: one fresh process per
-case and mode (peak RSS on CPU, imports included, ~the same for every mode; allocated-memory
-growth on CUDA).
+fastest block median kept (other jobs on a shared machine only ever slow a block down). Peak
+memory: one fresh process per case and mode (peak RSS on CPU, imports included, ~the same for
+every mode; allocated-memory growth on CUDA).
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def _time_modes(case: dict, repeats: int, queue) -> None:
             best[name] = min(best.get(name, float("inf")), _median_ms(fn))
             if name in steppers:
                 splits[name] += [steppers[name].split() for _ in range(5 if case["batch"] <= 64 else 1)]
-    split_ms = {m: {k: round(1000 * statistics.median(s[k] for s in rows), 3) for k in rows[0]} for m, rows in splits.items()}
+    split_ms = {m: {k: round(1000 * statistics.median(s[k] for s in rows), 3) for k in rows[0]}
+                for m, rows in splits.items()}
     queue.put({
         "step_ms": {name: round(t, 3) for name, t in best.items()},
         "split_ms": split_ms,
@@ -207,6 +208,7 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
     import warnings
 
     import torch
+    from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
     from torch import nn
     from torch.utils.data import DataLoader
@@ -225,17 +227,21 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
 
     def plain_epoch_fn():
         model = _model(case)
-        loader = DataLoader(shard, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        loader = DataLoader(shard, batch_size=config.batch_size, shuffle=True, generator=generator)
         optimizer = make_optimizer(model, config.lr, config.momentum)
         return lambda: train_epochs(model, loader, optimizer, 1, cpu)
 
     def dp_epoch_fn(mode: str):
         model = _model(case)
-        private = __import__("opacus").PrivacyEngine().make_private(
+        private = PrivacyEngine().make_private(
             module=model, optimizer=make_optimizer(model, config.lr, config.momentum), criterion=nn.CrossEntropyLoss(),
             data_loader=make_plan_loader(shard, config.batch_size), noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=True, clipping="flat", grad_sample_mode=mode)
-        dp_model, dp_optimizer, criterion, loader = private if mode == "ghost" else (*private[:2], nn.CrossEntropyLoss(), private[2])
+        if mode == "ghost":  # four objects: the DP loss wrapper does both backward passes
+            dp_model, dp_optimizer, criterion, loader = private
+        else:
+            (dp_model, dp_optimizer, loader), criterion = private, nn.CrossEntropyLoss()
         return lambda: _run_epochs(dp_model, loader, dp_optimizer, criterion, 1, cpu)
 
     def drain(loader):
@@ -324,7 +330,8 @@ def run(repeats: int = 9) -> dict:
             memory = {mode: _in_fresh_process(_peak_memory, case, mode) for mode in MODES}
             row["device"] = memory["plain"]["device"]
             row["peak_mb"] = {m: memory[m]["peak_mb"] for m in MODES}
-            row["extra_mb_vs_plain"] = {m: round(memory[m]["peak_mb"] - memory["plain"]["peak_mb"], 1) for m in DP_MODES}
+            plain_mb = memory["plain"]["peak_mb"]
+            row["extra_mb_vs_plain"] = {m: round(memory[m]["peak_mb"] - plain_mb, 1) for m in DP_MODES}
         if case["model"] == "default" and case["batch"] == 16:
             row["epoch_loop"] = _in_fresh_process(_time_product_loops, case, repeats)
         results[name] = row
