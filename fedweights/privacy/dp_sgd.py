@@ -108,7 +108,11 @@ def ghost_param_share(model: nn.Module) -> float:
 
 
 def choose_grad_sample_mode(model: nn.Module, requested: str = "auto") -> str:
-    """``ghost`` when most parameters sit in ghost-clippable layers, else ``hooks`` (or as requested)."""
+    """``ghost`` when most parameters sit in ghost-clippable layers, else ``hooks`` (or as requested).
+
+    Opacus' ``ew`` (torch ExpandedWeights) is never chosen: it raises on an empty batch, which
+    Poisson sampling draws (bench/bench_dp.py measures all three modes).
+    """
     if requested in ("ghost", "hooks"):
         return requested
     return "ghost" if ghost_param_share(model) >= GHOST_MIN_PARAM_SHARE else "hooks"
