@@ -1,5 +1,6 @@
 """A real deployment on loopback: `fedweights server` + two `fedweights client` processes over TLS
-with node authentication, an unregistered node refused, and clean shutdown on SIGTERM."""
+with node authentication, an unregistered node refused, the final model published to a weight
+registry, and clean shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from fedweights.registry import Client
+
 from .deploy_harness import Deployment, free_port
+from .registry_support import TOKEN, registry  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 
-def test_two_clients_over_tls_with_node_auth(tmp_path):
+def test_two_clients_over_tls_with_node_auth(tmp_path, registry, monkeypatch):  # noqa: F811 - fixture
+    (tmp_path / "token").write_text(TOKEN)
+    monkeypatch.setenv("FEDWEIGHTS_REGISTRY_TOKEN_FILE", str(tmp_path / "token"))  # inherited by the server
     dep = Deployment(tmp_path)
     dep.make_keys(["n0", "n1", "intruder"], authorized=["n0", "n1"])
     address, run_dir = f"127.0.0.1:{free_port()}", tmp_path / "run"
     try:
         dep.server(address, "--rounds", "2", "--clients", "2", "--min-clients", "2", "--round-timeout", "120",
-                   "--out", str(run_dir))
+                   "--out", str(run_dir), "--publish", registry.address, "--name", "deploy/mlp")
         dep.client("n0", address, "0/2")
         dep.client("n1", address, "1/2")
         dep.client("intruder", address, "0/2", "--register-wait", "0")
@@ -34,6 +40,11 @@ def test_two_clients_over_tls_with_node_auth(tmp_path):
         assert all(r["num_clients"] == 2 for r in metrics["rounds"])
         assert metrics["rounds"][-1]["eval_accuracy"] > 0.6  # digits, 2 rounds: ~0.9
         assert load_file(run_dir / "model.safetensors")  # the global model, as `simulate` writes it
+        with Client(registry.address) as reader:  # and published, with the run's lineage
+            (version,) = reader.log("deploy/mlp")
+            assert version.manifest.run_id == metrics["run_id"] and version.manifest.round == 2
+            reader.pull("deploy/mlp", tmp_path / "pulled.safetensors")
+        assert (tmp_path / "pulled.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
         started = time.monotonic()
         for node in ("n0", "n1"):
             dep.signal_group(node, signal.SIGTERM)
