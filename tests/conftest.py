@@ -33,6 +33,24 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def cli_in_process(capsys, monkeypatch):
+    """Run the `fedweights` entry point in this process (fast); returns (exit code, stdout, stderr)."""
+    from fedweights.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.argv", ["fedweights", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 def _uses_ray(item: pytest.Item) -> bool:
     """Slow tests simulate federations on Ray, except deployment tests (real Flower processes)."""
     return item.get_closest_marker("slow") is not None and item.get_closest_marker("deploy") is None

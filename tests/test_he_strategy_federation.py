@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from fedweights.cli import main
 from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig, UserDPConfig
 from fedweights.crypto.keys import make_keys
 from fedweights.flower.encryption import decrypt_model_file
@@ -95,19 +94,7 @@ def test_user_dp_under_he_accounts_the_noise_really_summed(tmp_path, key_pairs):
     model.load_state_dict(decrypt_model_file(run_dir.path / "model.he", good.secret, model))
 
 
-def report_cli(capsys, monkeypatch, run_dir) -> tuple[int, str]:
-    monkeypatch.setattr("sys.argv", ["fedweights", "report", str(run_dir)])
-    monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out + err
-
-
-def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, capsys, monkeypatch):
+def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, cli_in_process):
     # q = 1/2 may sample nobody (no record-level spend at all); with both, q = 1 so the ledger has entries
     for name, dp, m in (("user-only", DPConfig(), 1), ("both", DPConfig(enabled=True, noise_multiplier=1.0), 2)):
         user_dp = UserDPConfig(enabled=True, noise_multiplier=2.0, clipping_norm=1.0, clients_per_round=m)
@@ -124,7 +111,8 @@ def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, 
         html = (run_dir.path / "report.html").read_text()
         assert "User-level (client-level) DP" in html or "User-level ε" in html
         (run_dir.path / "privacy.json").unlink()
-        code, out = report_cli(capsys, monkeypatch, run_dir.path)
+        code, out, err = cli_in_process("report", str(run_dir.path))
+        out += err
         assert code == 0, out
         assert "user-level epsilon" in out and (run_dir.path / "privacy.json").exists()
         assert ("Privacy spent per client" in out) == (name == "both")

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from fedweights.cli import main
 from fedweights.config import DPConfig, RunConfig
 from fedweights.privacy.accounting import calibrate_noise, epsilon
 from fedweights.privacy.ledger import Ledger
@@ -18,21 +17,9 @@ Q, DELTA = 1 / 23, 1e-6
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run the `fedweights` entry point in this process (fast); returns (exit code, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr("sys.argv", ["fedweights", *args])
-        monkeypatch.setenv("COLUMNS", "200")
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+def cli(cli_in_process):
+    """The CLI run in this process (fast)."""
+    return cli_in_process
 
 
 def trained(round_: int, client: str, steps_so_far: int) -> dict:

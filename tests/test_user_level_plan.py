@@ -8,27 +8,14 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 
-from fedweights.cli import main
 from fedweights.privacy.accounting import epsilon
 from fedweights.privacy.user_level import user_level_epsilon
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """The `fedweights` entry point in this process; returns (exit code, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr("sys.argv", ["fedweights", *args])
-        monkeypatch.setenv("COLUMNS", "200")
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+def cli(cli_in_process):
+    """The CLI run in this process (fast)."""
+    return cli_in_process
 
 
 def direct_pld(q: float, z: float, rounds: int, delta: float) -> float:
