@@ -7,8 +7,10 @@ process imports all of that once, then runs Flower's own SuperExec loop (``run_s
 (``run_clientapp`` with the task's token). The SuperNode runs with ``--isolation process`` and this
 process connects to its Runtime API like ``flower-superexec`` would.
 
-Forking is safe here because the parent never runs torch ops (so no intra-op thread pool exists) and
-its only other thread is Flower's parent-pid watchdog, which holds no locks. Children are reaped on
+Forking is safe here because the parent never runs torch ops (so torch's intra-op pool does not
+exist yet); its other threads are Flower's parent-pid watchdog (holds no locks) and the OpenBLAS
+pools that NumPy/SciPy start at import, which OpenBLAS itself shuts down around ``fork``
+(``pthread_atfork``) — the same state a ``multiprocessing`` fork of a NumPy program is in. Children are reaped on
 every poll, inherit the same parent-pid watchdog as ``flwr-clientapp`` (they end when this process
 ends), and are stopped (SIGTERM, then SIGKILL) when this process shuts down.
 
