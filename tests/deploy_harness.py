@@ -95,14 +95,17 @@ class Deployment:
             pass
 
     def survivors(self) -> list[str]:
-        """Command lines of processes still running that mention this test's directory."""
+        """Command lines of live processes that mention this test's directory or run in a session it
+        started (the warm SuperExec and its forked tasks name no path of the test)."""
+        sessions = {str(proc.pid) for proc in self.procs.values()}
         found = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                state, _ppid, _pgrp, session = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            except (OSError, ValueError):
                 continue
-            if str(self.tmp) in text:
+            if state != "Z" and (str(self.tmp) in text or session in sessions):
                 found.append(text[:200])
         return found
 

@@ -8,6 +8,7 @@ secret key and a state directory that keeps its DP accountant across restarts.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,10 @@ def run_client(
     if security.insecure:
         console.print("[bold red]WARNING: --insecure: this node's updates travel unencrypted and the server "
                       "is not authenticated. Use --root-cert outside a trusted test network.[/bold red]")
-    argv = [flower_executable("flower-supernode"), "--superlink", server, "--port", str(free_port()),
+    runtime_port = free_port()
+    # --isolation process: the SuperNode starts no flower-superexec; we run a warm one (warm_executor.py).
+    argv = [flower_executable("flower-supernode"), "--superlink", server, "--port", str(runtime_port),
+            "--isolation", "process",
             "--node-config", " ".join(f"{k}={_value(v)}" for k, v in node_config.items())]
     if security.insecure:
         argv.append("--insecure")
@@ -137,8 +141,12 @@ def run_client(
     while True:
         with ProcessGroup(state_dir / "logs") as group:
             supernode = group.start("supernode", argv)
-            while supernode.poll() is None:
+            superexec = group.start("superexec", warm_superexec_argv(runtime_port, supernode.pid))
+            while supernode.poll() is None and superexec.poll() is None:
                 time.sleep(0.2)
+            if supernode.poll() is None:
+                raise UserError(f"the ClientApp executor exited with code {superexec.returncode}:\n"
+                                f"{group.log_tail('superexec', 40)}")
             code = supernode.returncode
             log = group.log_tail("supernode", 40)
         refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
@@ -153,6 +161,12 @@ def run_client(
     if code != 0:
         raise UserError(f"the SuperNode exited with code {code}:\n{log}")
     return code
+
+
+def warm_superexec_argv(runtime_port: int, supernode_pid: int) -> list[str]:
+    """The warm SuperExec for a SuperNode whose Runtime API listens on loopback ``runtime_port``."""
+    return [sys.executable, "-m", "fedweights.deploy.warm_executor", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(supernode_pid)]
 
 
 def _value(value: str | int) -> str:
