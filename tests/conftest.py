@@ -86,3 +86,25 @@ def _ray_for_simulations(request):
     """Give every simulation test the shared Ray head (attaching takes ~1 s, a private start ~8-10 s)."""
     if _uses_ray(request.node):
         request.getfixturevalue("shared_ray_cluster")
+
+
+@pytest.fixture
+def serverapp_process(monkeypatch):
+    """Act as a ServerApp process (Flower's task identity, one torch thread) for in-process federations."""
+    import torch
+
+    from .local_grid import act_as_serverapp_process
+
+    threads = torch.get_num_threads()
+    act_as_serverapp_process(monkeypatch.setattr)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def key_pairs(tmp_path_factory):
+    """Two HE key pairs: the run's and a stranger's."""
+    from fedweights.crypto.keys import make_keys
+
+    root = tmp_path_factory.mktemp("keys")
+    return make_keys(root / "run"), make_keys(root / "stranger")

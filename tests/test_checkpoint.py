@@ -34,15 +34,10 @@ from fedweights.strategies import build_strategy
 from fedweights.task import builtin_task
 
 from .conftest import REPO
-from .local_grid import LocalGrid, act_as_serverapp_process, node_configs
+from .local_grid import LocalGrid, node_configs
 
 
-@pytest.fixture(autouse=True)
-def serverapp_process(monkeypatch):
-    threads = torch.get_num_threads()
-    act_as_serverapp_process(monkeypatch.setattr)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("serverapp_process")
 
 
 def federate(config: RunConfig, nodes: int = 2) -> RunDir:

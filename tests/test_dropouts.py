@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from fedweights.config import RunConfig
 from fedweights.errors import RunFailed
@@ -18,15 +17,10 @@ from fedweights.flower.runtime import Runtime
 from fedweights.progress import RichReporter
 from fedweights.run_dir import RunDir
 
-from .local_grid import FaultyGrid, act_as_serverapp_process, node_configs
+from .local_grid import FaultyGrid, node_configs
 
 
-@pytest.fixture(autouse=True)
-def serverapp_process(monkeypatch):
-    threads = torch.get_num_threads()
-    act_as_serverapp_process(monkeypatch.setattr)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("serverapp_process")
 
 
 def federate(config: RunConfig, nodes: int, **faults) -> RunDir:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig
-from fedweights.crypto.keys import make_keys
 from fedweights.errors import ConfigError, RunFailed
 from fedweights.flower.encryption import decrypt_model_file
 from fedweights.flower.round_loop import RoundHooks, run_federation
@@ -27,24 +26,7 @@ from fedweights.task import builtin_task
 
 from .local_grid import LocalGrid
 
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    """What Flower sets in a ServerApp process before messages can be created; one torch thread
-    per process, as each simulated client gets (tiny models on a busy machine crawl otherwise)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def key_pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    return make_keys(root / "run"), make_keys(root / "stranger")
+pytestmark = pytest.mark.usefixtures("serverapp_process")
 
 
 def _federation(tmp_path, key_pairs, he: bool, nodes: int, **overrides) -> tuple[RunDir, RunConfig]:

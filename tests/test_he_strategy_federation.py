@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig, UserDPConfig
-from fedweights.crypto.keys import make_keys
 from fedweights.flower.encryption import decrypt_model_file
 from fedweights.flower.round_loop import run_federation
 from fedweights.flower.runtime import NODE_HE_KEY, NUM_PARTITIONS, PARTITION_ID, Runtime
@@ -25,23 +24,7 @@ from .test_he_federation import LocalGrid
 USER_LEVEL_KEYS = {"epsilon", "delta", "noise_multiplier", "clipping_norm", "sample_rate", "rounds", "population"}
 
 
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    """Message creation needs Flower's ServerApp task identity; one torch thread like a simulated client."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def key_pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    return make_keys(root / "run"), make_keys(root / "stranger")
+pytestmark = pytest.mark.usefixtures("serverapp_process")
 
 
 def federate(config: RunConfig, node_keys: dict[int, str] | None = None) -> RunDir:
