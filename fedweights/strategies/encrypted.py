@@ -89,16 +89,10 @@ class EncryptedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes, learn unknown example counts, announce the weight normaliser."""
-        self._round = server_round
-        self.rejected[server_round] = []
-        self._learn_layout(arrays)
+        self._begin_round(server_round, arrays)
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
-        if len(node_ids) > self.key.params.max_summands:
-            raise RunFailed(
-                f"round {server_round} samples {len(node_ids)} clients but these HE parameters can sum at most "
-                f"{self.key.params.max_summands} updates; lower fraction_train or make keys with a larger first prime"
-            )
+        self._check_summands(server_round, len(node_ids), "fraction_train")
         self._query_counts(grid, [n for n in node_ids if n not in self.counts])
         node_ids = [n for n in node_ids if n in self.counts]
         if len(node_ids) < max(1, self.min_train_nodes):
@@ -107,15 +101,35 @@ class EncryptedFedAvg(FedAvg):
                 f"at least {max(1, self.min_train_nodes)} needed. Failures: "
                 + "; ".join(f"node {r['node']}: {r['reason']}" for r in self.rejected[server_round])
             )
-        self._planned = {n: self.counts[n] for n in node_ids}
-        normaliser = sum(self._planned.values())
+        for key, value in self.train_config.items():
+            config[key] = value
+        return self._train_messages(server_round, arrays, config, {n: self.counts[n] for n in node_ids})
+
+    def _begin_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Reset the round's bookkeeping and learn the model layout."""
+        self._round = server_round
+        self.rejected[server_round] = []
+        self._learn_layout(arrays)
+
+    def _check_summands(self, server_round: int, sampled: int, setting: str) -> None:
+        """Refuse a round with more updates than the HE parameters can add without overflow."""
+        if sampled > self.key.params.max_summands:
+            raise RunFailed(
+                f"round {server_round} samples {sampled} clients but these HE parameters can sum at most "
+                f"{self.key.params.max_summands} updates; lower {setting} or make keys with a larger first prime"
+            )
+
+    def _train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, planned: dict[int, int]
+    ) -> Iterable[Message]:
+        """Train messages to the ``planned`` nodes (node → weight), announcing the weight normaliser."""
+        self._planned = planned
+        normaliser = max(1, sum(planned.values()))
         self._expect = RoundExpectation(server_round, self.layout, normaliser)
         config["server-round"] = server_round
         config[NORMALISER] = normaliser
-        for key, value in self.train_config.items():
-            config[key] = value
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        return self._construct_messages(record, list(planned), MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

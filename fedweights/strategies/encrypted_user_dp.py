@@ -14,18 +14,16 @@ import logging
 import random
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..config import RunConfig
-from ..crypto.aggregate import RoundExpectation
 from ..crypto.codec import check_key
 from ..crypto.envelope import EnvelopeError, read_header
 from ..crypto.keys import HEKey
-from ..errors import RunFailed
 from ..proto import update_pb2 as pb
-from .encrypted import NOISE_ONLY, NORMALISER, EncryptedFedAvg
+from .encrypted import NOISE_ONLY, EncryptedFedAvg
 from .registry import sampling_options
 
 log = logging.getLogger("fedweights.he")
@@ -58,30 +56,20 @@ class EncryptedUserDPFedAvg(EncryptedFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Poisson-sample nodes (one noise-only node when none is sampled); announce the cohort size."""
-        self._round = server_round
-        self.rejected[server_round] = []
-        self._learn_layout(arrays)
+        self._begin_round(server_round, arrays)
         _, nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits until enough nodes are connected
         chosen = [node for node in nodes if self.sampler.random() < self.sample_rate]
         noise_only = not chosen and bool(nodes)
         if noise_only:
             chosen = [self.sampler.choice(sorted(nodes))]
-        if len(chosen) > self.key.params.max_summands:
-            raise RunFailed(
-                f"round {server_round} sampled {len(chosen)} clients but these HE parameters can sum at most "
-                f"{self.key.params.max_summands} updates; lower user_dp.clients_per_round or make keys with a larger first prime"
-            )
+        self._check_summands(server_round, len(chosen), "user_dp.clients_per_round")
         log.info("round %d: Poisson-sampled %d of %d nodes%s", server_round, 0 if noise_only else len(chosen),
                  len(nodes), " (one asked for a noise-only share)" if noise_only else "")
-        self._planned = dict.fromkeys(chosen, 1)
-        self.counts.update(self._planned)
+        planned = dict.fromkeys(chosen, 1)  # DP-FedAvg: every client weighs 1
+        self.counts.update(planned)
         self.cohorts[server_round] = len(chosen)
-        self._expect = RoundExpectation(server_round, self.layout, max(1, len(chosen)))
-        config["server-round"] = server_round
-        config[NORMALISER] = max(1, len(chosen))
         config[NOISE_ONLY] = noise_only
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, chosen, MessageType.TRAIN)
+        return self._train_messages(server_round, arrays, config, planned)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
