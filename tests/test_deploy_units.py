@@ -91,6 +91,7 @@ def test_generated_app_carries_the_whole_run_config(tmp_path):
 
 
 def test_process_group_stops_children_and_grandchildren(tmp_path):
+    handler_before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's when a simulation ran in this worker
     with ProcessGroup(tmp_path) as group:
         proc = group.start("tree", [sys.executable, "-c", "import subprocess,time; subprocess.Popen(['sleep','60']); time.sleep(60)"])
         deadline = time.monotonic() + 10
@@ -98,9 +99,10 @@ def test_process_group_stops_children_and_grandchildren(tmp_path):
             time.sleep(0.05)
         family = [proc.pid, *descendants(proc.pid)]
         assert len(family) == 2
+        assert signal.getsignal(signal.SIGTERM) is not handler_before  # Ctrl-C/SIGTERM stop the group
     time.sleep(0.5)
     assert not [pid for pid in family if _alive(pid)]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # our handler is gone again
 
 
 def _alive(pid: int) -> bool:
