@@ -57,9 +57,11 @@ class Deployment:
         return self.start(name, "server", "--address", address, "--tls-dir", str(self.tmp / "tls"),
                           "--authorized-nodes", str(self.tmp / "authorized"), *args, prefix=prefix)
 
-    def client(self, node: str, server: str, partition: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    def client(self, node: str, server: str, partition: str | None, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """A client on ``partition`` of the built-in data (None: ``args`` say ``--data FILE``)."""
+        data = ["--partition", partition] if partition else []
         return self.start(node, "client", "--server", server, "--root-cert", str(self.tmp / "tls" / "ca.crt"),
-                          "--node-key", str(self.tmp / "nodes" / node), "--partition", partition,
+                          "--node-key", str(self.tmp / "nodes" / node), *data,
                           "--state-dir", str(self.tmp / "state" / node), *args, prefix=prefix)
 
     def log(self, name: str) -> str:

@@ -1,5 +1,5 @@
 """A real deployment on loopback: `fedweights server` + two `fedweights client` processes over TLS
-with node authentication, an unregistered node refused, the final model published to a weight
+with node authentication (one on built-in data, one bringing its own `--data` file), an unregistered node refused, the final model published to a weight
 registry, and clean shutdown on SIGTERM."""
 
 from __future__ import annotations
@@ -8,8 +8,12 @@ import json
 import signal
 import time
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
+
+from fedweights.config import RunConfig
+from fedweights.task import builtin_task
 
 from fedweights.registry import Client
 
@@ -17,6 +21,18 @@ from .deploy_harness import Deployment, free_port
 from .registry_support import TOKEN, registry  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+
+
+def export_digits_shard(path, partition: int, partitions: int):
+    """Write the digits train partition and test shard a lab would hold as a `--data` file."""
+    config = RunConfig()
+    data = builtin_task(config).client_data(partition, partitions, config)
+    arrays = {}
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        x, y = zip(*(dataset[i] for i in range(len(dataset))))
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = np.stack(x), np.array(y)
+    np.savez(path, **arrays)
+    return path
 
 
 def test_two_clients_over_tls_with_node_auth(tmp_path, registry, monkeypatch):  # noqa: F811 - fixture
@@ -29,7 +45,7 @@ def test_two_clients_over_tls_with_node_auth(tmp_path, registry, monkeypatch):  
         dep.server(address, "--rounds", "2", "--clients", "2", "--min-clients", "2", "--round-timeout", "120",
                    "--out", str(run_dir), "--publish", registry.address, "--name", "deploy/mlp")
         dep.client("n0", address, "0/2")
-        dep.client("n1", address, "1/2")
+        dep.client("n1", address, None, "--data", str(export_digits_shard(tmp_path / "lab.npz", 1, 2)))
         dep.client("intruder", address, "0/2", "--register-wait", "0")
         assert dep.wait("intruder", 120) == 5, dep.log("intruder")
         assert "this node's public key is not registered on the server" in dep.log("intruder")

@@ -72,7 +72,7 @@ class NodeSettings:
         """Flower node config for these settings (checked)."""
         if self.partition is None and self.data is None:
             raise UserError("say what this node trains on: --partition i/n (built-in data) or --data FILE.npz")
-        config: dict[str, str | int] = {}
+        config: dict[str, str | int] = {keys.NODE_NAME: name}
         if self.partition is not None:
             match = re.fullmatch(r"(\d+)/(\d+)", self.partition)
             if not match or not int(match[1]) < int(match[2]):
@@ -81,6 +81,9 @@ class NodeSettings:
         if self.data is not None:
             if not Path(self.data).is_file():
                 raise UserError(f"--data {self.data} does not exist")
+            from ..data.node_data import load_node_data  # torch: only for nodes with their own data
+
+            load_node_data(str(Path(self.data).resolve()))  # a bad file fails here, before connecting
             config[keys.NODE_DATA] = str(Path(self.data).resolve())
         if self.device is not None:
             if self.device not in ("auto", "cpu", "cuda"):

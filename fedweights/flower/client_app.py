@@ -114,9 +114,11 @@ def _model_from(msg: Message, context: Context, runtime: Runtime) -> torch.nn.Mo
 @lru_cache(maxsize=8)
 def _client_data(runtime: Runtime, partition_id: int, num_partitions: int, data_path: str | None = None) -> ClientData:
     if data_path:  # `fedweights client --data FILE.npz`: the node brings its own examples
-        from ..data.node_data import load_node_data
+        from ..data.node_data import check_fits_model, load_node_data
 
-        return ClientData(*load_node_data(data_path))
+        train, test = load_node_data(data_path)
+        check_fits_model(data_path, train, runtime.task().model_fn())
+        return ClientData(train, test)
     return runtime.task().client_data(partition_id, num_partitions, runtime.config)
 
 

@@ -17,6 +17,7 @@ from ..task import Task, resolve_task
 PARTITION_ID = "partition-id"  # which partition of the built-in/task data this node trains on
 NUM_PARTITIONS = "num-partitions"
 NODE_DATA = "data"  # path to the node's own data, when it brings its own
+NODE_NAME = "name"  # the node's stable name (its key's file name): its client id when it has no partition id
 NODE_STATE_DIR = "state-dir"  # where the node keeps state that must survive restarts (accountant, keys)
 NODE_HE_KEY = "he-key"  # path to the node's secret HE context
 NODE_DEVICE = "device"  # auto | cpu | cuda, overriding the run config on this node

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_write_json
-from ..flower.runtime import NODE_STATE_DIR, PARTITION_ID, Runtime
+from ..flower.runtime import NODE_NAME, NODE_STATE_DIR, PARTITION_ID, Runtime
 
 RUN_ID_KEY = "fedweights-run-id"  # = fedweights.flower.round_loop.RUN_ID_KEY (not imported: clients skip the round loop)
 from .accounting import epsilon
@@ -30,8 +30,12 @@ STATE_KEY = "fedweights.dp-accountant"  # context.state key (simulation)
 
 
 def client_id_of(context: Context) -> str:
-    """A client's stable id in ledgers and reports: its partition id (set per node)."""
-    return str(context.node_config.get(PARTITION_ID, context.node_id))
+    """A client's stable id in ledgers and reports: its partition id, or for a node that brings its
+    own data its name (``fedweights client`` sets both; Flower's node id changes when a node restarts)."""
+    for key in (PARTITION_ID, NODE_NAME):
+        if key in context.node_config:
+            return str(context.node_config[key])
+    return str(context.node_id)
 
 
 class AccountantState:

@@ -1,0 +1,86 @@
+"""Nodes that bring their own data (`fedweights client --data FILE.npz`): a wrong file fails with a
+message naming it, at client start-up or in its round (never taking the round down), and a node's
+ledger/report id is its stable name, not Flower's per-connection node id."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedweights.config import DPConfig, RunConfig
+from fedweights.data.node_data import load_node_data
+from fedweights.errors import UserError
+from fedweights.flower.round_loop import run_federation
+from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
+from fedweights.privacy.ledger import Ledger
+from fedweights.progress import RichReporter
+from fedweights.run_dir import RunDir
+from fedweights.task import builtin_task
+
+from .local_grid import LocalGrid, node_configs
+
+GOOD = {"x_train": np.random.default_rng(0).random((20, 64)), "y_train": np.arange(20) % 10}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x_train": GOOD["x_train"]}, "lacks y_train"),
+        ({**GOOD, "y_train": GOOD["y_train"][:19]}, "x_train has 20 examples but y_train 19 labels"),
+        ({**GOOD, "y_train": GOOD["y_train"].astype(float)}, "integer class labels"),
+        ({**GOOD, "y_train": -GOOD["y_train"]}, "negative label"),
+        ({**GOOD, "x_train": np.full((20, 64), np.nan)}, "NaN or infinite"),
+        ({**GOOD, "x_train": np.array(["a"] * 20)}, "numeric array of examples × features"),
+        ({**GOOD, "x_test": GOOD["x_train"]}, "only one of x_test, y_test"),
+        ({**GOOD, "x_test": GOOD["x_train"][:, :8], "y_test": GOOD["y_train"]}, "x_test examples have shape (8,)"),
+        ({"x_train": GOOD["x_train"][:0], "y_train": GOOD["y_train"][:0]}, "holds no examples"),
+    ],
+)
+def test_a_malformed_file_is_refused_with_what_is_wrong(tmp_path, arrays, message):
+    path = tmp_path / "node.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_node_data(str(path))
+
+
+def test_a_file_that_is_not_npz_or_holds_pickles_is_refused(tmp_path):
+    (tmp_path / "notes.npz").write_text("not numpy")
+    with pytest.raises(UserError, match="cannot read node data .*notes.npz"):
+        load_node_data(str(tmp_path / "notes.npz"))
+    np.savez(tmp_path / "objects.npz", x_train=np.array([{"a": 1}] * 2, dtype=object), y_train=np.arange(2))
+    with pytest.raises(UserError, match="cannot read node data .*allow_pickle"):
+        load_node_data(str(tmp_path / "objects.npz"))
+
+
+def test_client_refuses_a_bad_file_before_it_connects(cli, tmp_path):
+    np.savez(tmp_path / "bad.npz", x_train=GOOD["x_train"])
+    result = cli("client", "--server", "127.0.0.1:9", "--insecure", "--data", str(tmp_path / "bad.npz"),
+                 "--state-dir", str(tmp_path / "state"))
+    assert result.returncode != 0
+    assert "lacks y_train" in result.stdout + result.stderr
+    assert "SuperNode connecting" not in result.stdout  # it never started one
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_own_data_nodes_train_under_their_names_and_a_misfit_file_fails_only_its_node(tmp_path):
+    config = RunConfig(clients=3, rounds=2, min_clients=2, seed=3, out=str(tmp_path / "run"),
+                       dp=DPConfig(enabled=True, noise_multiplier=1.0))
+    shard = builtin_task(config).client_data(1, 2, config).train  # digits examples this lab exports
+    x, y = zip(*(shard[i] for i in range(len(shard))))
+    np.savez(tmp_path / "lab.npz", x_train=np.stack(x), y_train=np.array(y))
+    np.savez(tmp_path / "misfit.npz", x_train=np.stack(x)[:, :32], y_train=np.array(y))
+    nodes = node_configs(2)
+    nodes[2] = {NODE_DATA: str(tmp_path / "lab.npz"), NODE_NAME: "lab-b"}
+    nodes[3] = {NODE_DATA: str(tmp_path / "misfit.npz"), NODE_NAME: "lab-c"}
+    run_federation(LocalGrid(Runtime(config), nodes), Runtime(config), reporter=RichReporter())
+
+    metrics = RunDir(config.out).read_metrics()
+    assert metrics["status"] == "completed"
+    for round_ in metrics["rounds"]:
+        assert round_["num_clients"] == 2  # node 1 (partition 0) and lab-b trained
+        (failure,) = round_["failures"]
+        assert failure["node"] == "3" and "misfit.npz: examples of shape (32,) do not fit the run's model" in failure["reason"]
+    ledger = Ledger(config.out).read()
+    assert sorted({e["client"] for e in ledger}) == ["0", "lab-b"]
+    lab_b = [e for e in ledger if e["client"] == "lab-b"]
+    assert [e["n_examples"] for e in lab_b] == [len(shard)] * 2 and lab_b[-1]["epsilon"] > lab_b[0]["epsilon"]
