@@ -3,7 +3,8 @@
 * kill -9 of the server's whole process group after round 1; `fedweights server --resume DIR`
   continues at round 2 with the same clients; with --dp the privacy ledger is continuous.
 * a client killed mid-run: with --min-clients 1 the next round completes with the other client;
-  with --min-clients 2 the run fails clearly after --round-timeout instead of hanging.
+  with --min-clients 2 the run fails clearly after --round-timeout instead of hanging, and a second
+  server resuming that run while it still runs is refused at once.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def test_a_client_dying_mid_run_does_not_hang_the_run(tmp_path):
         for dep in deps.values():
             dep.wait_for_round(dep.tmp / "run", 1, timeout=300)
             dep.signal_group("n1", signal.SIGKILL)  # one client dies for good
+        # while --min-clients 2 waits out its round timeout, an operator tries to resume that run:
+        # refused before it starts anything (the first server's SuperLink database is untouched)
+        deps[2].server(f"127.0.0.1:{free_port()}", "--resume", str(deps[2].tmp / "run"), name="second")
+        assert deps[2].wait("second", 60) == 2, deps[2].all_logs()
+        assert "is in use by another run (pid" in " ".join(deps[2].log("second").split())
         codes = {k: dep.wait("server", 300) for k, dep in deps.items()}
         metrics = {k: json.loads((dep.tmp / "run" / "metrics.json").read_text()) for k, dep in deps.items()}
         # --min-clients 1: round 2 completes with the surviving client

@@ -21,6 +21,7 @@ from ..flower.round_loop import RunResult
 from ..registry.auth import CA_FILE, SERVER_CERT, SERVER_KEY, tls_file
 from ..registry.publish import preflight as publish_preflight
 from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..run_lock import RunLock
 from ..strategies import build_strategy
 from .federation import FEDERATION, write_app_dir, write_flwr_home
 from .keys import authorized_keys
@@ -78,33 +79,33 @@ def run_server(
     build_strategy(config)  # fail fast on an unknown or unloadable strategy
     publish_preflight(config)
     out = Path(config.out) if config.out else default_run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    config = _absolute_paths(dataclasses.replace(config, out=str(out.resolve())))
-    deploy = out / DEPLOY_DIR
-    home, logs = deploy / "flwr-home", deploy / "logs"
-    if security.insecure:
-        console.print("[bold red]WARNING: --insecure: model updates and metrics travel unencrypted and any "
-                      "process that can reach the port may join. Use --tls-dir outside a trusted test network.[/bold red]")
-    elif not security.authorized_nodes:
-        console.print("[yellow]warning: no --authorized-nodes: any node that trusts the CA may join the run[/yellow]")
-    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where this machine reaches the SuperLink
-    ca = str(Path(security.tls_dir, CA_FILE).resolve()) if security.tls_dir else None
-    write_flwr_home(home, f"{connect}:{port}", ca)
-    app_dir = write_app_dir(deploy / "app", config)
-    with ProcessGroup(logs, env={"FLWR_HOME": str(home.resolve())}) as group:
-        superlink = group.start("superlink", _superlink_argv(host, port, deploy / DATABASE, security))
-        scheme = "http" if security.insecure else "https"
-        wait_healthy(f"{scheme}://{connect}:{port}/health", superlink, "the SuperLink (see deploy/logs/superlink.log)")
-        if security.authorized_nodes:
-            _register(group, authorized_keys(security.authorized_nodes))
-        console.print(f"SuperLink listening on {host}:{port} ({'insecure' if security.insecure else 'TLS'}); "
-                      f"waiting for {config.wait_for_clients} client(s)")
-        _stream_run(group, app_dir, console, verbose)
-    metrics = RunDir(out).read_metrics() if (out / "metrics.json").exists() else {}
-    if metrics.get("status") != "completed":
-        detail = metrics.get("error") or f"see {logs}/superlink.log"
-        raise RunFailed(f"the run did not complete (status {metrics.get('status', 'not started')!r}): {detail}")
-    return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+    with RunLock(out) as lock:  # also guards deploy/ (the SuperLink's database) from a second server
+        config = _absolute_paths(dataclasses.replace(config, out=str(out.resolve())))
+        deploy = out / DEPLOY_DIR
+        home, logs = deploy / "flwr-home", deploy / "logs"
+        if security.insecure:
+            console.print("[bold red]WARNING: --insecure: model updates and metrics travel unencrypted and any "
+                          "process that can reach the port may join. Use --tls-dir outside a trusted test network.[/bold red]")
+        elif not security.authorized_nodes:
+            console.print("[yellow]warning: no --authorized-nodes: any node that trusts the CA may join the run[/yellow]")
+        connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where this machine reaches the SuperLink
+        ca = str(Path(security.tls_dir, CA_FILE).resolve()) if security.tls_dir else None
+        write_flwr_home(home, f"{connect}:{port}", ca)
+        app_dir = write_app_dir(deploy / "app", config)
+        with ProcessGroup(logs, env={"FLWR_HOME": str(home.resolve()), **lock.hand_down()}) as group:
+            superlink = group.start("superlink", _superlink_argv(host, port, deploy / DATABASE, security))
+            scheme = "http" if security.insecure else "https"
+            wait_healthy(f"{scheme}://{connect}:{port}/health", superlink, "the SuperLink (see deploy/logs/superlink.log)")
+            if security.authorized_nodes:
+                _register(group, authorized_keys(security.authorized_nodes))
+            console.print(f"SuperLink listening on {host}:{port} ({'insecure' if security.insecure else 'TLS'}); "
+                          f"waiting for {config.wait_for_clients} client(s)")
+            _stream_run(group, app_dir, console, verbose)
+        metrics = RunDir(out).read_metrics() if (out / "metrics.json").exists() else {}
+        if metrics.get("status") != "completed":
+            detail = metrics.get("error") or f"see {logs}/superlink.log"
+            raise RunFailed(f"the run did not complete (status {metrics.get('status', 'not started')!r}): {detail}")
+        return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:

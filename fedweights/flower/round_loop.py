@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from ..errors import RunFailed
 from ..progress import RichReporter
 from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..run_lock import RunLock
 from ..strategies import build_strategy, rejected_updates
 from .encryption import is_encrypted, save_encrypted_model
 from .node_wait import BoundedNodeWait, NodeWaitTimeout
@@ -95,12 +96,16 @@ def run_federation(
     in ``config.out`` continues after its last checkpoint. Waiting for nodes is bounded by
     ``round_timeout``; a failed round stops the run or is retried (``on_round_timeout``).
     """
+    run_dir = RunDir(runtime.config.out or default_run_dir())
+    with RunLock(run_dir.path):  # one coordinator per run directory (a second one fails here, nothing written)
+        return _federate(grid, runtime, run_dir, reporter or RichReporter(), hooks)
+
+
+def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichReporter, hooks: Iterable[RoundHooks]) -> RunResult:
     from .checkpoint import CheckpointHooks, archive_checkpoint, resume_run
     from .strategy_state import StrategyState
 
     config = runtime.config
-    reporter = reporter or RichReporter()
-    run_dir = RunDir(config.out or default_run_dir())
     random.seed(config.seed)  # Flower samples nodes with the global `random`
     torch.manual_seed(config.seed)
     model = runtime.task().model_fn()

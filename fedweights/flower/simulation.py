@@ -13,6 +13,7 @@ from ..errors import RunFailed, UserError
 from ..progress import RichReporter
 from ..registry.publish import preflight as publish_preflight
 from ..run_dir import RoundRecord, RunDir, default_run_dir
+from ..run_lock import RunLock
 from ..strategies import build_strategy
 from ..task import Task, save_task
 from ..training import select_device
@@ -43,8 +44,11 @@ def simulate(
     config.validate()
     publish_preflight(config)  # registry reachable and accepting our writes, before any process starts
     out = Path(config.out) if config.out else default_run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.replace(config, out=str(out.resolve()))
+    with RunLock(out) as lock, lock.shared_in_process():  # the in-process ServerApp runs under our lock
+        return _simulate_in(out, dataclasses.replace(config, out=str(out.resolve())), task, reporter, verbose)
+
+
+def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: RichReporter | None, verbose: bool) -> RunResult:
     config = prepare_simulation_keys(config, out)  # --he: a fresh key pair in RUN/keys/ unless he.key is given
     device = select_device(config.device)
     task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
