@@ -1,8 +1,11 @@
 """Nodes that bring their own data (`fedweights client --data FILE.npz`): a wrong file fails with a
 message naming it, at client start-up or in its round (never taking the round down), and a node's
-ledger/report id is its stable name, not Flower's per-connection node id."""
+ledger/report id is its stable name, not Flower's per-connection node id; two nodes sent with one
+partition id are flagged and their privacy spends composed."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from fedweights.data.node_data import load_node_data
 from fedweights.errors import UserError
 from fedweights.flower.round_loop import run_federation
 from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
+from fedweights.privacy.accounting import epsilon
 from fedweights.privacy.ledger import Ledger
 from fedweights.progress import RichReporter
 from fedweights.run_dir import RunDir
@@ -84,3 +88,21 @@ def test_own_data_nodes_train_under_their_names_and_a_misfit_file_fails_only_its
     assert sorted({e["client"] for e in ledger}) == ["0", "lab-b"]
     lab_b = [e for e in ledger if e["client"] == "lab-b"]
     assert [e["n_examples"] for e in lab_b] == [len(shard)] * 2 and lab_b[-1]["epsilon"] > lab_b[0]["epsilon"]
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_two_nodes_on_one_partition_id_are_flagged_and_their_spends_composed(tmp_path):
+    """An operator starts two nodes with --partition 0/2: both train on the same examples, so the
+    account of client 0 must hold both nodes' steps (never one node's) and say what happened."""
+    config = RunConfig(clients=2, rounds=2, seed=3, out=str(tmp_path / "run"), dp=DPConfig(enabled=True, noise_multiplier=1.0))
+    nodes = {1: node_configs(2)[1], 2: node_configs(2)[1]}  # both partition 0 of 2
+    run_federation(LocalGrid(Runtime(config), nodes), Runtime(config), reporter=RichReporter())
+
+    ledger = Ledger(config.out).read()
+    assert [e["client"] for e in ledger] == ["0"] * 4
+    assert all("also came from node(s)" in e["warning"] for e in ledger)
+    last = ledger[-1]
+    assert sum(n for *_, n in last["history"]) == sum(e["steps"] for e in ledger)  # all four spends
+    assert last["epsilon"] == pytest.approx(epsilon([tuple(h) for h in last["history"]], last["delta"], "pld"))
+    client = json.loads((tmp_path / "run" / "privacy.json").read_text())["clients"]["0"]
+    assert client["shared_id_rounds"] == [1, 2] and client["epsilon"] == pytest.approx(last["epsilon"])

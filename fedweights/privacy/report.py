@@ -16,7 +16,8 @@ and a terminal table — all derived from the privacy ledger and ``metrics.json`
          "n_examples", "batch_size", "local_epochs", "rounds_participated",
          "history": [[noise_multiplier, sample_rate, steps], ...],
          "budget": float | null, "exhausted": bool, "exhausted_round": int | null,
-         "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε}}},
+         "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε},
+         "shared_id_rounds": [int]}},  # rounds in which two nodes sent this client id (see the ledger's warning)
      "rounds": [{"round", "epsilon_max", "epsilon_mean", "trained", "exhausted"}],
      "ledger": {"file", "entries", "last_sha256"},
      "user_level": {epsilon, delta, noise_multiplier, clipping_norm, sample_rate, rounds, population, ...}}
@@ -196,6 +197,8 @@ def privacy_table(summary: dict[str, Any]) -> Table:
         status = "unprotected" if c["unaccounted"] else (
             f"budget reached r{c['exhausted_round']}" if c["exhausted"] else "ok"
         )
+        if c["shared_id_rounds"]:
+            status += f"; id sent by 2+ nodes in r{c['shared_id_rounds'][0]}"
         cells = [client, format_epsilon(c["epsilon"]), _fmt(c["delta"], ".0e"), _fmt(c["noise_multiplier"], ".3g"),
                  _fmt(c["sample_rate"], ".3g"), str(c["steps"]), str(c["rounds_participated"]), _fmt(c["n_examples"], "d")]
         table.add_row(*cells, *([_fmt(c["budget"], "g")] if with_budget else []), status)
@@ -231,7 +234,7 @@ def _new_client() -> dict[str, Any]:
     keys = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "n_examples", "batch_size",
             "local_epochs", "budget", "exhausted_round", "grad_sample_mode")
     return {**dict.fromkeys(keys), "epsilon": 0.0, "steps": 0, "rounds_participated": 0, "history": [],
-            "exhausted": False, "unaccounted": False, "epsilon_by_round": {}}
+            "exhausted": False, "unaccounted": False, "epsilon_by_round": {}, "shared_id_rounds": []}
 
 
 def _apply(client: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -247,6 +250,8 @@ def _apply(client: dict[str, Any], entry: dict[str, Any]) -> None:
         client["budget"] = entry.get("budget")
     elif status == "unaccounted":
         client["unaccounted"] = True
+    if entry.get("warning") and entry["round"] not in client["shared_id_rounds"]:
+        client["shared_id_rounds"].append(entry["round"])
     if client["epsilon"] != "inf":
         client["epsilon"] = _finite(max(as_epsilon(client["epsilon"]), as_epsilon(entry.get("epsilon"))))
     client["steps"] = sum(int(n) for *_, n in client["history"])

@@ -66,8 +66,13 @@ class PrivacyHooks(RoundHooks):
 
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Append one ledger line per reply (durable before aggregation); stop when budgets are spent."""
-        records = [self._record(server_round, reply) for reply in replies]
-        records = [{"run": self.run_id, **r} for r in records if r is not None]
+        records = []
+        for reply in replies:
+            record = self._record(server_round, reply)
+            if record is not None:
+                records.append({"run": self.run_id, **record})
+                self._remember(record)  # one client id sent twice in a round: the second composes onto the first
+        records = _flag_shared_ids(records)
         for entry in self.ledger.append(records):
             self._remember(entry)
         usable = sum(not r.has_error() for r in replies)
@@ -156,3 +161,20 @@ class PrivacyHooks(RoundHooks):
         if entry.get("history") is not None:
             self.histories[client] = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
         self.last[client] = {**self.last.get(client, {}), **{k: v for k, v in entry.items() if v is not None}}
+
+
+def _flag_shared_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Warn on lines whose client id came from more than one node in the round (nodes started with
+    one partition id). Their spends are composed under that id: right when they hold the same
+    examples, an over-count otherwise, never an under-count."""
+    nodes: dict[str, set[str]] = {}
+    for record in records:
+        nodes.setdefault(str(record["client"]), set()).add(str(record["node"]))
+    for record in records:
+        others = sorted(nodes[str(record["client"])] - {str(record["node"])})
+        if others:
+            record["warning"] = (
+                f"client id {record['client']} also came from node(s) {', '.join(others)} this round: nodes "
+                "started with one partition id train on the same examples; their spends are composed under this id"
+            )
+    return records
