@@ -43,8 +43,10 @@ class StopRun(Exception):
 class RoundHooks:
     """Extension points of the round loop; subclass and override what you need."""
 
-    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
-        """Called with every train reply of a round before any update is aggregated."""
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> list[dict[str, str]] | None:
+        """Called with every train reply of a round before any update is aggregated. Return the
+        updates that must not be used, as ``{"node": node id, "reason": why}`` (e.g. a client over
+        its privacy budget); they become failures of the round."""
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Called after a round's record is written, with the new global arrays."""
@@ -194,8 +196,11 @@ def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: Ar
         sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
     failures = failure_reasons(sent, replies)
-    for hook in hooks:
-        hook.on_train_replies(server_round, replies)
+    for hook in hooks:  # a reply a hook excludes is neither aggregated nor seen by the hooks after it
+        excluded = hook.on_train_replies(server_round, replies) or []
+        failures += excluded
+        dropped = {item["node"] for item in excluded}
+        replies = [r for r in replies if str(r.metadata.src_node_id) not in dropped]
     usable = [r for r in replies if not r.has_error()]
     needed = min(config.min_replies, len(sent))  # 0 when nobody was sampled (Poisson sampling may do that)
     _require_updates(server_round, len(usable), len(sent), needed, failures)

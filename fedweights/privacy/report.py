@@ -17,7 +17,8 @@ and a terminal table — all derived from the privacy ledger and ``metrics.json`
          "history": [[noise_multiplier, sample_rate, steps], ...],
          "budget": float | null, "exhausted": bool, "exhausted_round": int | null,
          "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε},
-         "shared_id_rounds": [int]}},  # rounds in which two nodes sent this client id (see the ledger's warning)
+         "shared_id_rounds": [int],   # rounds in which two nodes sent this client id (see the ledger's warning)
+         "over_budget_rounds": [int]}},  # rounds whose update was not used: over max_epsilon per the ledger
      "rounds": [{"round", "epsilon_max", "epsilon_mean", "trained", "exhausted"}],
      "ledger": {"file", "entries", "last_sha256"},
      "user_level": {epsilon, delta, noise_multiplier, clipping_norm, sample_rate, rounds, population, ...}}
@@ -197,6 +198,8 @@ def privacy_table(summary: dict[str, Any]) -> Table:
         status = "unprotected" if c["unaccounted"] else (
             f"budget reached r{c['exhausted_round']}" if c["exhausted"] else "ok"
         )
+        if c["over_budget_rounds"]:
+            status = f"over budget r{c['over_budget_rounds'][0]}, update not used"
         if c["shared_id_rounds"]:
             status += f"; id sent by 2+ nodes in r{c['shared_id_rounds'][0]}"
         cells = [client, format_epsilon(c["epsilon"]), _fmt(c["delta"], ".0e"), _fmt(c["noise_multiplier"], ".3g"),
@@ -234,7 +237,8 @@ def _new_client() -> dict[str, Any]:
     keys = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "n_examples", "batch_size",
             "local_epochs", "budget", "exhausted_round", "grad_sample_mode")
     return {**dict.fromkeys(keys), "epsilon": 0.0, "steps": 0, "rounds_participated": 0, "history": [],
-            "exhausted": False, "unaccounted": False, "epsilon_by_round": {}, "shared_id_rounds": []}
+            "exhausted": False, "unaccounted": False, "epsilon_by_round": {}, "shared_id_rounds": [],
+            "over_budget_rounds": []}
 
 
 def _apply(client: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -250,8 +254,9 @@ def _apply(client: dict[str, Any], entry: dict[str, Any]) -> None:
         client["budget"] = entry.get("budget")
     elif status == "unaccounted":
         client["unaccounted"] = True
-    if entry.get("warning") and entry["round"] not in client["shared_id_rounds"]:
-        client["shared_id_rounds"].append(entry["round"])
+    for flag, rounds in (("warning", "shared_id_rounds"), ("over_budget", "over_budget_rounds")):
+        if entry.get(flag) and entry["round"] not in client[rounds]:
+            client[rounds].append(entry["round"])
     if client["epsilon"] != "inf":
         client["epsilon"] = _finite(max(as_epsilon(client["epsilon"]), as_epsilon(entry.get("epsilon"))))
     client["steps"] = sum(int(n) for *_, n in client["history"])

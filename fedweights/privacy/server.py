@@ -23,9 +23,11 @@ from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
 from ..run_dir import RoundRecord, RunDir
 from .accounting import Entry, covering_history, epsilon
-from .ledger import LEDGER_FILE, Ledger, as_epsilon
+from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
 from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, parse_exhausted_reason
 from .report import PRIVACY_FILE, REPORT_FILE, write_privacy_json, write_reports
+
+BUDGET_RTOL = 1e-6  # clients check the same ε computation against the budget: allow float noise only
 
 
 def archive_other_run(run_dir: Path, run_id: str) -> Path | None:
@@ -64,26 +66,32 @@ class PrivacyHooks(RoundHooks):
         for entry in self.ledger.read():  # a resumed run (same run id) continues its ledger
             self._remember(entry)
 
-    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
-        """Append one ledger line per reply (durable before aggregation); stop when budgets are spent."""
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> list[dict[str, str]]:
+        """Append one ledger line per reply (durable before aggregation); stop when budgets are spent.
+
+        Returns the updates not to use: those of clients whose ε, as the ledger accounts it, is over
+        ``max_epsilon`` although the client trained (it lost its accountant state, or two nodes
+        share its id). Their spend stays in the ledger."""
         records = []
         for reply in replies:
             record = self._record(server_round, reply)
             if record is not None:
                 records.append({"run": self.run_id, **record})
                 self._remember(record)  # one client id sent twice in a round: the second composes onto the first
-        records = _flag_shared_ids(records)
+        records = _flag_over_budget(_flag_shared_ids(records), self.config.dp.max_epsilon)
         for entry in self.ledger.append(records):
             self._remember(entry)
-        usable = sum(not r.has_error() for r in replies)
+        over = [r for r in records if r.get("over_budget")]
+        usable = sum(not r.has_error() for r in replies) - len(over)
         needed = max(1, min(self.config.min_replies, len(replies)))
-        exhausted = [r["client"] for r in records if r["status"] == "exhausted"]
+        exhausted = [r["client"] for r in records if r["status"] == "exhausted" or r.get("over_budget")]
         if usable < needed and exhausted:
             raise StopRun(
                 f"{len(exhausted)} sampled client(s) have spent their privacy budget "
                 f"(max_epsilon={self.config.dp.max_epsilon}: clients {', '.join(sorted(exhausted))}) and "
                 f"only {usable} usable update(s) remain, {needed} needed"
             )
+        return [{"node": r["node"], "reason": _over_budget_reason(r, self.config.dp.max_epsilon)} for r in over]
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Keep privacy.json current after every round (e.g. for a model published each round)."""
@@ -178,3 +186,22 @@ def _flag_shared_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "started with one partition id train on the same examples; their spends are composed under this id"
             )
     return records
+
+
+def _flag_over_budget(records: list[dict[str, Any]], budget: float | None) -> list[dict[str, Any]]:
+    """Mark lines of clients that sent an update although the ledger puts them over ``budget``
+    (the client's own check passed: it lost its accountant state, or shares its id)."""
+    if budget is not None:
+        for record in records:
+            if record["status"] != "exhausted" and as_epsilon(record["epsilon"]) > budget * (1 + BUDGET_RTOL):
+                record["over_budget"] = True
+    return records
+
+
+def _over_budget_reason(record: dict[str, Any], budget: float) -> str:
+    return (
+        f"client {record['client']} is over its privacy budget as the ledger accounts it: epsilon="
+        f"{format_epsilon(record['epsilon'], 6)} > max_epsilon={budget:g} (its own accountant said "
+        f"{format_epsilon(record.get('client_epsilon'), 6)}: it lost its state, or two nodes share its id); "
+        "its update is not used"
+    )
