@@ -193,7 +193,7 @@ def _flag_over_budget(records: list[dict[str, Any]], budget: float | None) -> li
     (the client's own check passed: it lost its accountant state, or shares its id)."""
     if budget is not None:
         for record in records:
-            if record["status"] != "exhausted" and as_epsilon(record["epsilon"]) > budget * (1 + BUDGET_RTOL):
+            if record["status"] == "trained" and as_epsilon(record["epsilon"]) > budget * (1 + BUDGET_RTOL):
                 record["over_budget"] = True
     return records
 
