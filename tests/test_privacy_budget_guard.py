@@ -67,3 +67,4 @@ def test_a_client_that_lost_its_accountant_is_stopped_at_the_budget_by_the_ledge
     report = json.loads((tmp_path / "run" / "privacy.json").read_text())
     assert report["clients"]["0"]["over_budget_rounds"] == [3]
     assert report["clients"]["0"]["epsilon"] == pytest.approx(late["epsilon"]) and report["epsilon_max"] >= late["epsilon"]
+    assert "over budget r3, update not used" in (tmp_path / "run" / "report.html").read_text()

@@ -195,17 +195,24 @@ def privacy_table(summary: dict[str, Any]) -> Table:
     for column in columns:
         table.add_column(column, justify="left" if column == "status" else "right", min_width=len(column))
     for client, c in summary["clients"].items():
-        status = "unprotected" if c["unaccounted"] else (
-            f"budget reached r{c['exhausted_round']}" if c["exhausted"] else "ok"
-        )
-        if c["over_budget_rounds"]:
-            status = f"over budget r{c['over_budget_rounds'][0]}, update not used"
-        if c["shared_id_rounds"]:
-            status += f"; id sent by 2+ nodes in r{c['shared_id_rounds'][0]}"
+        status = client_status(c)
         cells = [client, format_epsilon(c["epsilon"]), _fmt(c["delta"], ".0e"), _fmt(c["noise_multiplier"], ".3g"),
                  _fmt(c["sample_rate"], ".3g"), str(c["steps"]), str(c["rounds_participated"]), _fmt(c["n_examples"], "d")]
         table.add_row(*cells, *([_fmt(c["budget"], "g")] if with_budget else []), status)
     return table
+
+
+def client_status(client: dict[str, Any]) -> str:
+    """A client's status in words, for the terminal table and report.html."""
+    if client["unaccounted"]:
+        status = "unprotected"
+    elif client["over_budget_rounds"]:
+        status = f"over budget r{client['over_budget_rounds'][0]}, update not used"
+    else:
+        status = f"budget reached r{client['exhausted_round']}" if client["exhausted"] else "ok"
+    if client["shared_id_rounds"]:
+        status += f"; id sent by 2+ nodes in r{client['shared_id_rounds'][0]}"
+    return status
 
 
 def print_privacy_report(run_dir: str | Path, console: Console | None = None) -> tuple[Path, Path]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..run_dir import METRICS_FILE
 from .ledger import as_epsilon, format_epsilon
+from .report import client_status
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -106,9 +107,7 @@ def _clients_table(summary: dict[str, Any]) -> str:
     header = ["client", "ε", "δ", "σ", "C (clip)", "q", "steps", "rounds", "examples", "batch", "budget", "mode", "status"]
     rows = []
     for client, c in summary["clients"].items():
-        status = "unprotected" if c["unaccounted"] else (
-            f"budget reached (round {c['exhausted_round']})" if c["exhausted"] else "ok"
-        )
+        status = client_status(c)
         rows.append([client, format_epsilon(c["epsilon"]), _fmt(c["delta"]), _fmt(c["noise_multiplier"]), _fmt(c["max_grad_norm"]),
                      _fmt(c["sample_rate"]), c["steps"], c["rounds_participated"], _fmt(c["n_examples"]),
                      _fmt(c["batch_size"]), _fmt(c["budget"]), _fmt(c["grad_sample_mode"]), status])
