@@ -1,6 +1,7 @@
-"""The coordinator enforces max_epsilon from its own ledger: a client whose accountant state was
-lost (it believes it spent nothing) trains past its budget; the coordinator records the spend, does
-not use the update, and the report says so — while a client with budget left keeps the run going."""
+"""A client whose accountant state was lost believes it spent nothing. The coordinator sends each
+node it recognises its ledger account, so the client resumes from it and stops at its budget by
+itself; a node it cannot recognise trains past its budget, and then the coordinator records the
+spend, does not use the update and says so, while a client with budget left keeps the run going."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
 from fedweights.privacy.accounting import epsilon
 from fedweights.privacy.ledger import Ledger
 from fedweights.privacy.plan import client_delta, round_plan
+from fedweights.privacy.protocol import LEDGER_ACCOUNT
 from fedweights.progress import RichReporter
 from fedweights.task import builtin_task
 
@@ -25,17 +27,28 @@ pytestmark = pytest.mark.usefixtures("serverapp_process")
 
 
 class ForgetfulGrid(LocalGrid):
-    """Node 1 loses its context state (its DP accountant, in simulation) before round 2."""
+    """Node 1 loses its context state (its DP accountant, in simulation) before round 2; with
+    ``unrecognised`` the coordinator's ledger account never reaches it either (as for a node that
+    came back under a new node id)."""
+
+    def __init__(self, runtime, node_configs, unrecognised: bool) -> None:
+        super().__init__(runtime, node_configs)
+        self.unrecognised = unrecognised
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
         for msg in messages:
-            if msg.metadata.dst_node_id == 1 and msg.metadata.message_type == "train" \
-                    and int(msg.content["config"]["server-round"]) == 2 and 1 in self.contexts:
+            if msg.metadata.dst_node_id != 1 or msg.metadata.message_type != "train":
+                continue
+            if int(msg.content["config"]["server-round"]) == 2 and 1 in self.contexts:
                 self.contexts[1].state = RecordDict()
+            if self.unrecognised and LEDGER_ACCOUNT in msg.content:
+                del msg.content[LEDGER_ACCOUNT]
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def test_a_client_that_lost_its_accountant_is_stopped_at_the_budget_by_the_ledger(tmp_path):
+def federate_with_a_forgetful_client(tmp_path, unrecognised: bool):
+    """Nodes 1, 2 on partitions 0/2, 1/2 and a node with all training examples (it spends ε slower);
+    budget = ε of two rounds on a partition; node 1 forgets its accountant before round 2."""
     config = RunConfig(clients=3, rounds=3, min_clients=1, seed=5, out=str(tmp_path / "run"),
                        dp=DPConfig(enabled=True, noise_multiplier=1.0))
     task = builtin_task(config)
@@ -52,8 +65,24 @@ def test_a_client_that_lost_its_accountant_is_stopped_at_the_budget_by_the_ledge
 
     nodes = node_configs(2)
     nodes[3] = {NODE_DATA: str(tmp_path / "all.npz"), NODE_NAME: "lab-all"}
-    run_federation(ForgetfulGrid(Runtime(config), nodes), Runtime(config), reporter=RichReporter())
+    run_federation(ForgetfulGrid(Runtime(config), nodes, unrecognised), Runtime(config), reporter=RichReporter())
+    return config, plan, budget
 
+
+def test_a_client_that_lost_its_accountant_resumes_from_the_ledger_and_stops_at_its_budget(tmp_path):
+    config, _plan, _budget = federate_with_a_forgetful_client(tmp_path, unrecognised=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 1]
+    reasons = {f["node"]: f["reason"] for f in metrics["rounds"][2]["failures"]}
+    assert sorted(reasons) == ["1", "2"] and all("privacy budget exhausted" in r for r in reasons.values())
+    ledger = Ledger(config.out).read()
+    assert not any(e.get("over_budget") for e in ledger)
+    for entry in (e for e in ledger if e["status"] == "trained"):  # the client's own ε is the ledger's
+        assert entry["client_epsilon"] == pytest.approx(entry["epsilon"], rel=1e-9)
+
+
+def test_a_client_the_coordinator_cannot_recognise_is_stopped_at_the_budget_by_the_ledger(tmp_path):
+    config, plan, budget = federate_with_a_forgetful_client(tmp_path, unrecognised=True)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 1]
     reasons = {f["node"]: f["reason"] for f in metrics["rounds"][2]["failures"]}
@@ -68,3 +97,12 @@ def test_a_client_that_lost_its_accountant_is_stopped_at_the_budget_by_the_ledge
     assert report["clients"]["0"]["over_budget_rounds"] == [3]
     assert report["clients"]["0"]["epsilon"] == pytest.approx(late["epsilon"]) and report["epsilon_max"] >= late["epsilon"]
     assert "over budget r3, update not used" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_client_takes_only_its_own_account_from_a_train_message():
+    from fedweights.privacy.protocol import ledger_account_record, ledger_history
+
+    content = RecordDict({LEDGER_ACCOUNT: ledger_account_record("0", [(1.0, 0.02, 45)])})
+    assert ledger_history(content, "0") == [(1.0, 0.02, 45)]
+    assert ledger_history(content, "1") == []  # another client's account is never applied
+    assert ledger_history(RecordDict({}), "0") == []

@@ -43,6 +43,9 @@ class StopRun(Exception):
 class RoundHooks:
     """Extension points of the round loop; subclass and override what you need."""
 
+    def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
+        """Called with the round's train messages before they are sent (may add records to them)."""
+
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> list[dict[str, str]] | None:
         """Called with every train reply of a round before any update is aggregated. Return the
         updates that must not be used, as ``{"node": node id, "reason": why}`` (e.g. a client over
@@ -194,6 +197,8 @@ def _train_round(grid, strategy, runtime: Runtime, server_round: int, arrays: Ar
     train_config = ConfigRecord({RUN_ID_KEY: run_id})  # clients key state that outlives a resume by it
     with grid.waiting(config.round_timeout, config.wait_for_clients, f"round {server_round}"):
         sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
+    for hook in hooks:
+        hook.on_train_messages(server_round, sent)
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
     failures = failure_reasons(sent, replies)
     for hook in hooks:  # a reply a hook excludes is neither aggregated nor seen by the hooks after it

@@ -21,10 +21,10 @@ from ..fileio import atomic_write_json
 from ..flower.runtime import NODE_NAME, NODE_STATE_DIR, PARTITION_ID, Runtime
 
 RUN_ID_KEY = "fedweights-run-id"  # = fedweights.flower.round_loop.RUN_ID_KEY (not imported: clients skip the round loop)
-from .accounting import epsilon
+from .accounting import covering_history, epsilon
 from .dp_sgd import RoundPlan, train_private_round
 from .plan import client_delta, round_plan
-from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, exhausted_reason
+from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, exhausted_reason, ledger_history
 
 STATE_KEY = "fedweights.dp-accountant"  # context.state key (simulation)
 
@@ -48,6 +48,12 @@ class AccountantState:
     def history(self) -> list[tuple[float, float, int]]:
         """All (σ, q, steps) entries so far."""
         return [(float(s), float(q), int(n)) for s, q, n in self.data["history"]]
+
+    def cover(self, ledger: list[tuple[float, float, int]]) -> None:
+        """Take the smallest history covering ours and the coordinator's ledger account (a client
+        that lost its state resumes from the ledger instead of from zero)."""
+        if ledger:
+            self.data["history"] = [list(e) for e in covering_history(self.history, ledger)]
 
     def record_round(
         self, server_round: int, history: list[tuple[float, float, int]], plan: RoundPlan, target: float | None
@@ -136,6 +142,7 @@ def train_privately(
     server_round = int(msg.content["config"].get("server-round", 0))
     store = accountant_store(context, str(msg.content["config"].get(RUN_ID_KEY, "")) or None)
     state = store.load()
+    state.cover(ledger_history(msg.content, client_id))  # the coordinator's account, if it knows more
     plan = round_plan(len(data), config, state.sigma_for(config))
     delta = client_delta(len(data), dp)
     if dp.max_epsilon is not None:

@@ -1,4 +1,6 @@
-"""What a DP client tells the coordinator about its privacy spend, in a train reply.
+"""What a DP client tells the coordinator about its privacy spend, in a train reply, and what the
+coordinator tells a client it recognises about its account (:data:`LEDGER_ACCOUNT`, in the train
+message: the history its ledger holds, so a client that lost its accountant state resumes from it).
 
 A trained reply carries a ``ConfigRecord`` under :data:`PRIVACY` next to its arrays and metrics
 (the keys of :class:`ClientSpend`). A client whose next round would exceed its budget does not
@@ -19,6 +21,7 @@ from .ledger import format_epsilon
 
 PRIVACY = "privacy"  # RecordDict key of the ConfigRecord holding a ClientSpend
 BUDGET_EXHAUSTED = 4030  # Flower Error code: the client's privacy budget does not allow another round
+LEDGER_ACCOUNT = "fedweights.ledger-account"  # train-message ConfigRecord: {"client", "history"}
 
 _EXHAUSTED = re.compile(r"^privacy budget exhausted: client (?P<client>\S+) has spent epsilon=(?P<spent>[0-9.eE+-]+)")
 
@@ -54,6 +57,22 @@ class ClientSpend:
         values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
         values["history"] = [(float(s), float(q), int(n)) for s, q, n in json.loads(str(values["history"]))]
         return cls(**values)
+
+
+def ledger_account_record(client_id: str, history: list[Entry]) -> ConfigRecord:
+    """The coordinator's account of ``client_id`` (its ledger history), for a train message."""
+    return ConfigRecord({"client": client_id, "history": json.dumps([list(e) for e in history])})
+
+
+def ledger_history(content, client_id: str) -> list[Entry]:
+    """The history the coordinator's ledger holds for ``client_id``, from a train message's content
+    (empty when it sent none, or sent another client's)."""
+    if LEDGER_ACCOUNT not in content:
+        return []
+    record = content[LEDGER_ACCOUNT]
+    if str(record.get("client", "")) != client_id:
+        return []
+    return [(float(s), float(q), int(n)) for s, q, n in json.loads(str(record["history"]))]
 
 
 def exhausted_reason(client_id: str, spent: float, next_epsilon: float, budget: float, delta: float) -> str:

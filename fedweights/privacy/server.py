@@ -17,14 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
 from ..run_dir import RoundRecord, RunDir
 from .accounting import Entry, covering_history, epsilon
 from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
-from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, parse_exhausted_reason
+from .protocol import (
+    BUDGET_EXHAUSTED,
+    LEDGER_ACCOUNT,
+    PRIVACY,
+    ClientSpend,
+    ledger_account_record,
+    parse_exhausted_reason,
+)
 from .report import PRIVACY_FILE, REPORT_FILE, write_privacy_json, write_reports
 
 BUDGET_RTOL = 1e-6  # clients check the same ε computation against the budget: allow float noise only
@@ -65,6 +72,15 @@ class PrivacyHooks(RoundHooks):
         self.client_of_node: dict[str, str] = {}
         for entry in self.ledger.read():  # a resumed run (same run id) continues its ledger
             self._remember(entry)
+
+    def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
+        """Tell each node this ledger recognises (by node id) the history it holds for its client,
+        so a client that lost its accountant state checks its budget against the full account."""
+        for msg in messages:
+            client = self.client_of_node.get(str(msg.metadata.dst_node_id))
+            if client is not None and self.histories.get(client):
+                account = ledger_account_record(client, self.histories[client])
+                msg.content = RecordDict({**msg.content, LEDGER_ACCOUNT: account})  # strategies share one content
 
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> list[dict[str, str]]:
         """Append one ledger line per reply (durable before aggregation); stop when budgets are spent.
