@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from fedweights.config import DPConfig, RunConfig
+from fedweights.config import DPConfig, HEConfig, RunConfig
+from fedweights.crypto.envelope import load_envelope, read_header
 from fedweights.flower.round_loop import run_federation
 from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
 from fedweights.privacy.accounting import epsilon
@@ -46,11 +47,11 @@ class ForgetfulGrid(LocalGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def federate_with_a_forgetful_client(tmp_path, unrecognised: bool):
+def federate_with_a_forgetful_client(tmp_path, unrecognised: bool, he: HEConfig | None = None):
     """Nodes 1, 2 on partitions 0/2, 1/2 and a node with all training examples (it spends ε slower);
     budget = ε of two rounds on a partition; node 1 forgets its accountant before round 2."""
     config = RunConfig(clients=3, rounds=3, min_clients=1, seed=5, out=str(tmp_path / "run"),
-                       dp=DPConfig(enabled=True, noise_multiplier=1.0))
+                       dp=DPConfig(enabled=True, noise_multiplier=1.0), he=he or HEConfig())
     task = builtin_task(config)
     n_part = len(task.client_data(0, 2, config).train)
     plan = round_plan(n_part, config)
@@ -81,8 +82,11 @@ def test_a_client_that_lost_its_accountant_resumes_from_the_ledger_and_stops_at_
         assert entry["client_epsilon"] == pytest.approx(entry["epsilon"], rel=1e-9)
 
 
-def test_a_client_the_coordinator_cannot_recognise_is_stopped_at_the_budget_by_the_ledger(tmp_path):
-    config, plan, budget = federate_with_a_forgetful_client(tmp_path, unrecognised=True)
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "he"])
+def test_a_client_the_coordinator_cannot_recognise_is_stopped_at_the_budget_by_the_ledger(tmp_path, key_pairs, encrypted):
+    keys = key_pairs[0]
+    he = HEConfig(enabled=True, key=str(keys.secret), server_key=str(keys.server)) if encrypted else None
+    config, plan, budget = federate_with_a_forgetful_client(tmp_path, unrecognised=True, he=he)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 1]
     reasons = {f["node"]: f["reason"] for f in metrics["rounds"][2]["failures"]}
@@ -97,6 +101,9 @@ def test_a_client_the_coordinator_cannot_recognise_is_stopped_at_the_budget_by_t
     assert report["clients"]["0"]["over_budget_rounds"] == [3]
     assert report["clients"]["0"]["epsilon"] == pytest.approx(late["epsilon"]) and report["epsilon_max"] >= late["epsilon"]
     assert "over budget r3, update not used" in (tmp_path / "run" / "report.html").read_text()
+    if encrypted:  # the encrypted sum of round 3 holds only lab-all's update, weighted by its examples
+        header = read_header(load_envelope(tmp_path / "run" / "model.he"))
+        assert header.server_round == 3 and header.num_examples == len(builtin_task(config).train_data)
 
 
 def test_a_client_takes_only_its_own_account_from_a_train_message():
