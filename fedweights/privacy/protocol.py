@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, RecordDict
 
 from .accounting import Entry
 from .ledger import format_epsilon
@@ -64,7 +64,7 @@ def ledger_account_record(client_id: str, history: list[Entry]) -> ConfigRecord:
     return ConfigRecord({"client": client_id, "history": json.dumps([list(e) for e in history])})
 
 
-def ledger_history(content, client_id: str) -> list[Entry]:
+def ledger_history(content: RecordDict, client_id: str) -> list[Entry]:
     """The history the coordinator's ledger holds for ``client_id``, from a train message's content
     (empty when it sent none, or sent another client's)."""
     if LEDGER_ACCOUNT not in content:
