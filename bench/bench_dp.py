@@ -14,7 +14,10 @@ optimizer clips, adds noise, scales and counts the step for its accountant). Ext
   client round (``train_private_round``: Opacus set-up, the epoch, the accountant history);
 - ``empty_batch_ok``: whether the mode survives an empty batch, which Poisson sampling draws;
 - ``direct_reference``: the same DP-SGD step written directly in torch (never used to train),
-  to show which share of the DP cost is Opacus' per-step bookkeeping rather than arithmetic.
+  to show which share of the DP cost is Opacus' per-step bookkeeping rather than arithmetic;
+- ``opacus_no_op_vmap`` / ``opacus_optimizer_only``: Opacus' ``no_op`` mode fed per-sample
+  gradients from ``torch.func.vmap``, and Opacus' optimizer step alone given them (the floor of
+  any per-sample-gradient method that trains through Opacus).
 
 Step times: one process per case, short blocks of steps, the modes interleaved and repeated, the
 fastest block median kept (other jobs on a shared machine only ever slow a block down). Peak
@@ -166,6 +169,40 @@ def _direct_dp_step(case: dict):
     return step
 
 
+def _opacus_no_op_steps(case: dict):
+    """Reference only: Opacus' ``no_op`` mode, per-sample gradients from ``torch.func.vmap(grad)``
+    handed to Opacus' optimizer (clip, noise, step); and that optimizer step alone, given the
+    per-sample gradients — the floor of any per-sample-gradient method that trains through Opacus."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.func import functional_call, grad, vmap
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = _model(case)
+    x = torch.randn(case["batch"], IN_FEATURES[case["model"]])
+    y = torch.randint(0, 10, (case["batch"],))
+    loader = DataLoader(TensorDataset(torch.zeros(case["batch"], 1)), batch_size=case["batch"])
+    gsm, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, clipping="flat", grad_sample_mode="no_op")[:3]
+    named = list(gsm._module.named_parameters())
+
+    def loss_one(params, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(gsm._module, params, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    fixed = per_sample({k: p.detach() for k, p in named}, x, y)
+
+    def step(grads=None) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        grads = grads or per_sample({k: p.detach() for k, p in named}, x, y)
+        for k, p in named:
+            p.grad_sample = grads[k]
+        optimizer.step()
+
+    return step, lambda: step({k: g.clone() for k, g in fixed.items()})  # Opacus marks tensors it consumed
+
+
 def _median_ms(fn, max_runs: int = 10, budget_s: float = 0.2) -> float:
     """Median of one short block of calls (at least one, at most ``max_runs`` or ``budget_s``)."""
     times, started = [], time.perf_counter()
@@ -183,7 +220,9 @@ def _time_modes(case: dict, repeats: int, queue) -> None:
 
     torch.set_num_threads(case["threads"])
     steppers = {mode: _Step(case, mode) for mode in MODES}
-    steps = {mode: s.run for mode, s in steppers.items()} | {"direct_reference": _direct_dp_step(case)}
+    no_op_vmap, optimizer_only = _opacus_no_op_steps(case)
+    steps = {mode: s.run for mode, s in steppers.items()} | {
+        "direct_reference": _direct_dp_step(case), "opacus_no_op_vmap": no_op_vmap, "opacus_optimizer_only": optimizer_only}
     for fn in steps.values():
         fn()  # warm-up
     best: dict[str, float] = {}
@@ -324,6 +363,9 @@ def run(repeats: int = 9) -> dict:
             "split_ms": timed["split_ms"],
             # not a mode fedweights uses: the same DP-SGD math without Opacus, for scale
             "direct_reference": {"step_ms": direct, "time_ratio": round(direct / times["plain"], 2)},
+            # Opacus' no_op mode fed torch.func per-sample gradients, and its optimizer step alone
+            **{name: {"step_ms": timed["step_ms"][name], "time_ratio": round(timed["step_ms"][name] / times["plain"], 2)}
+               for name in ("opacus_no_op_vmap", "opacus_optimizer_only")},
         }
         row["meets_target"] = row["auto_time_ratio"] <= TARGET_RATIO
         if case["threads"] == 1:  # memory does not depend on the thread count
