@@ -31,7 +31,8 @@ STATE_KEY = "fedweights.dp-accountant"  # context.state key (simulation)
 
 def client_id_of(context: Context) -> str:
     """A client's stable id in ledgers and reports: its partition id, or for a node that brings its
-    own data its name (``fedweights client`` sets both; Flower's node id changes when a node restarts)."""
+    own data its name (``fedweights client`` sets both; Flower's node id is not stable across
+    reconnects without a registered key, nor across SuperLink databases)."""
     for key in (PARTITION_ID, NODE_NAME):
         if key in context.node_config:
             return str(context.node_config[key])
