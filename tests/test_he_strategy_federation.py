@@ -15,6 +15,7 @@ from fedweights.flower.encryption import decrypt_model_file
 from fedweights.flower.round_loop import run_federation
 from fedweights.flower.runtime import NODE_HE_KEY, NUM_PARTITIONS, PARTITION_ID, Runtime
 from fedweights.privacy.accounting import epsilon
+from fedweights.privacy.user_level_report import UserLevelPrivacyFile
 from fedweights.progress import RichReporter
 from fedweights.run_dir import RunDir
 from fedweights.task import builtin_task
@@ -101,15 +102,19 @@ def test_reports_merge_user_level_dp_with_and_without_record_level_dp(tmp_path, 
         assert ("Privacy spent per client" in out) == (name == "both")
 
 
-def test_rounds_with_an_empty_sample_still_count(tmp_path):
-    """Poisson sampling may pick nobody: the central DP-FedAvg round still releases a noised model, so
-    the account counts it (the round loop calls the hook with no replies)."""
-    from fedweights.privacy.user_level_report import UserLevelPrivacyFile
-
+def _user_dp_run(tmp_path) -> tuple[RunConfig, RunDir]:
+    """A started run directory of a central user-level DP run (z = 1.5, q = 2/10)."""
     config = RunConfig(clients=10, rounds=3, out=str(tmp_path / "run"),
                        user_dp=UserDPConfig(enabled=True, noise_multiplier=1.5, clients_per_round=2))
     run_dir = RunDir(config.out)
     run_dir.start(config, run_id="r1")
+    return config, run_dir
+
+
+def test_rounds_with_an_empty_sample_still_count(tmp_path):
+    """Poisson sampling may pick nobody: the central DP-FedAvg round still releases a noised model, so
+    the account counts it (the round loop calls the hook with no replies)."""
+    config, run_dir = _user_dp_run(tmp_path)
     hook = UserLevelPrivacyFile(config, run_dir)
     for server_round in (1, 2):
         hook.on_train_replies(server_round, [])
@@ -122,12 +127,7 @@ def test_a_resumed_run_continues_the_user_level_account(tmp_path):
     counts again (its first model may have been released), so ε covers 3 rounds, never 1."""
     import dataclasses
 
-    from fedweights.privacy.user_level_report import UserLevelPrivacyFile
-
-    config = RunConfig(clients=10, rounds=3, out=str(tmp_path / "run"),
-                       user_dp=UserDPConfig(enabled=True, noise_multiplier=1.5, clients_per_round=2))
-    run_dir = RunDir(config.out)
-    run_dir.start(config, run_id="r1")
+    config, run_dir = _user_dp_run(tmp_path)
     first = UserLevelPrivacyFile(config, run_dir)
     for server_round in (1, 2):
         first.on_train_replies(server_round, [])
