@@ -14,37 +14,17 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from .grid_proxy import GridProxy
+
 DEFAULT_INTERVAL = 0.2
 
 
-class FastPollGrid(Grid):
+class FastPollGrid(GridProxy):
     """``grid`` with ``send_and_receive`` polling every ``interval`` seconds."""
 
     def __init__(self, grid: Grid, interval: float = DEFAULT_INTERVAL) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.interval = interval
-
-    def set_run(self, run):  # noqa: D102 - delegated
-        return self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: D102 - delegated
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs):  # noqa: D102 - delegated
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - delegated
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - delegated
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - delegated
-        return self.grid.pull_messages(message_ids)
-
-    def __getattr__(self, name: str):
-        return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages`` and collect their replies until all arrived or ``timeout`` passed."""

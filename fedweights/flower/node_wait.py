@@ -15,21 +15,21 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator
 
-from flwr.app import Message
 from flwr.serverapp import Grid
 
 from ..errors import RunFailed
+from .grid_proxy import GridProxy
 
 
 class NodeWaitTimeout(RunFailed):
     """Fewer nodes than a round needs were connected after ``round_timeout`` seconds."""
 
 
-class BoundedNodeWait(Grid):
+class BoundedNodeWait(GridProxy):
     """A Grid that delegates to ``grid`` and bounds how long a caller polls it for enough nodes."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self._deadline: float | None = None
         self._needed = 0
         self._timeout = 0.0
@@ -55,30 +55,3 @@ class BoundedNodeWait(Grid):
                 "or lower --min-clients and resume the run"
             )
         return nodes
-
-    # ------------------------------------------------------------------ plain delegation
-
-    def set_run(self, run) -> None:  # noqa: D102 - Grid API
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: D102 - Grid API
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: D102 - Grid API
-        return self.grid.create_message(*args, **kwargs)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid API
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid API
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Delegate (the round loop bounds this wait with ``round_timeout`` itself)."""
-        return self.grid.send_and_receive(messages, timeout=timeout)
-
-    def __getattr__(self, name: str):
-        if name == "grid":
-            raise AttributeError(name)
-        return getattr(self.grid, name)  # anything engine-specific the wrapped grid offers
