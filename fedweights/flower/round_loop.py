@@ -27,11 +27,10 @@ from ..run_lock import RunLock
 from ..strategies import build_strategy, rejected_updates
 from .encryption import is_encrypted, save_encrypted_model
 from .node_wait import BoundedNodeWait, NodeWaitTimeout
-from .runtime import Runtime
+from .runtime import RUN_ID_KEY, Runtime
 
 
 NO_REPLY = "no reply within round_timeout"
-RUN_ID_KEY = "fedweights-run-id"  # in every train message's config: the run id, the same after --resume
 
 
 class StopRun(Exception):

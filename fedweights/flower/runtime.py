@@ -13,6 +13,8 @@ from flwr.app import Context
 from ..config import RunConfig
 from ..task import Task, resolve_task
 
+RUN_ID_KEY = "fedweights-run-id"  # in every train message's config: the run id, the same after --resume
+
 # Node-config keys (`flower-supernode --node-config "k=v ..."`; set by `fedweights client`).
 PARTITION_ID = "partition-id"  # which partition of the built-in/task data this node trains on
 NUM_PARTITIONS = "num-partitions"

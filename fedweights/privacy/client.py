@@ -18,9 +18,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_write_json
-from ..flower.runtime import NODE_NAME, NODE_STATE_DIR, PARTITION_ID, Runtime
-
-RUN_ID_KEY = "fedweights-run-id"  # = fedweights.flower.round_loop.RUN_ID_KEY (not imported: clients skip the round loop)
+from ..flower.runtime import NODE_NAME, NODE_STATE_DIR, PARTITION_ID, RUN_ID_KEY, Runtime
 from .accounting import covering_history, epsilon
 from .dp_sgd import RoundPlan, train_private_round
 from .plan import client_delta, round_plan

@@ -95,8 +95,7 @@ class PrivacyHooks(RoundHooks):
                 records.append({"run": self.run_id, **record})
                 self._remember(record)  # one client id sent twice in a round: the second composes onto the first
         records = _flag_over_budget(_flag_shared_ids(records), self.config.dp.max_epsilon)
-        for entry in self.ledger.append(records):
-            self._remember(entry)
+        self.ledger.append(records)  # durable before any update is used (remembered above)
         over = [r for r in records if r.get("over_budget")]
         usable = sum(not r.has_error() for r in replies) - len(over)
         needed = max(1, min(self.config.min_replies, len(replies)))

@@ -31,6 +31,7 @@ from ..crypto.codec import check_key, layout_of
 from ..crypto.envelope import EnvelopeError, TensorInfo, is_encrypted, layout_from_proto, read_header
 from ..crypto.keys import HEKey, load_server_key
 from ..errors import ConfigError, RunFailed, UserError
+from ..flower.encrypted_state import extend_layout, section_of
 from ..proto import update_pb2 as pb
 from ..proximal import PROXIMAL_MU_KEY
 from .registry import sampling_options
@@ -177,8 +178,6 @@ class EncryptedFedAvg(FedAvg):
         if is_encrypted(arrays):
             layout = layout_from_proto(read_header(arrays).layout)
         else:  # round 1: the plaintext initial model; the payloads add the state section
-            from ..flower.encrypted_state import extend_layout
-
             layout = extend_layout(layout_of(arrays.to_torch_state_dict()), self.state_section)
         if self.layout is not None and layout != self.layout:
             raise RunFailed("the global model changed its layout between rounds")
@@ -219,13 +218,6 @@ def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
 
     Needs ``he.server_key`` (the coordinator's server.ctx).
     """
-    if config.strategy.name not in HE_STRATEGIES:
-        raise ConfigError(
-            "strategy.name",
-            f"is {config.strategy.name!r}; encrypted aggregation (--he) runs {', '.join(HE_STRATEGIES)}: the "
-            "coordinator only adds ciphertexts, and anything else it would compute (medians, distances, "
-            "adaptive steps, your own aggregate_train) needs the plaintext updates",
-        )
     if config.strategy.max_norm is not None:
         raise ConfigError(
             "strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he"
@@ -241,7 +233,7 @@ def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
         from .encrypted_user_dp import encrypted_user_dp_strategy
 
         return encrypted_user_dp_strategy(config, key)
-    section = "momentum" if config.strategy.name == "fedavgm" else None
     return EncryptedFedAvg(
-        key, query_timeout=config.round_timeout, train_config=extra, state_section=section, **sampling_options(config)
+        key, query_timeout=config.round_timeout, train_config=extra, state_section=section_of(config),
+        **sampling_options(config),
     )

@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..crypto.codec import check_key
 from ..crypto.envelope import EnvelopeError, read_header
 from ..crypto.keys import HEKey
+from ..flower.encrypted_state import UPDATE
 from ..proto import update_pb2 as pb
 from .encrypted import NOISE_ONLY, EncryptedFedAvg
 from .registry import sampling_options
@@ -45,12 +46,11 @@ class EncryptedUserDPFedAvg(EncryptedFedAvg):
     """
 
     def __init__(self, key: HEKey, sample_rate: float, sampler: random.Random | None = None, **kwargs) -> None:
-        super().__init__(key, state_section="update", **kwargs)
+        super().__init__(key, state_section=UPDATE, **kwargs)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.sample_rate = sample_rate
         self.sampler = sampler or random.SystemRandom()
-        self.cohorts: dict[int, int] = {}  # round → clients asked for a share (the normaliser)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -66,8 +66,6 @@ class EncryptedUserDPFedAvg(EncryptedFedAvg):
         log.info("round %d: Poisson-sampled %d of %d nodes%s", server_round, 0 if noise_only else len(chosen),
                  len(nodes), " (one asked for a noise-only share)" if noise_only else "")
         planned = dict.fromkeys(chosen, 1)  # DP-FedAvg: every client weighs 1
-        self.counts.update(planned)
-        self.cohorts[server_round] = len(chosen)
         config[NOISE_ONLY] = noise_only
         return self._train_messages(server_round, arrays, config, planned)
 
