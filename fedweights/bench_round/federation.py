@@ -9,41 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..deploy.federation import FEDERATION, write_flwr_home
+from ..deploy.processes import flower_executable, free_port, wait_healthy
 from ..errors import UserError
 
-FEDERATION = "bench"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(port: int, process: subprocess.Popen, name: str, timeout: float = 60) -> None:
-    """Poll ``http://127.0.0.1:port/health`` until it answers 200; fail if the process dies first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise UserError(f"{name} exited with code {process.returncode} before it became healthy")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise UserError(f"{name} did not answer /health on port {port} within {timeout:.0f} s")
-
+__all__ = ["FEDERATION", "LocalFederation", "free_port"]
 
 @dataclass
 class LocalFederation:
@@ -64,25 +40,22 @@ class LocalFederation:
             self.superlink_port = free_port()
             link = self._start(
                 "superlink",
-                [f"{bin_dir}/flower-superlink", "--insecure", "--port", str(self.superlink_port),
+                [flower_executable("flower-superlink"), "--insecure", "--port", str(self.superlink_port),
                  "--disable-runtime-dependency-installation"],
             )
-            wait_healthy(self.superlink_port, link, "flower-superlink")
+            wait_healthy(f"http://127.0.0.1:{self.superlink_port}/health", link, "flower-superlink")
             for i in range(self.nodes):
                 port = free_port()
                 node = self._start(
                     f"supernode-{i}",
-                    [f"{bin_dir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
+                    [flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
                      "--port", str(port), "--node-config", f"partition-id={i} num-partitions={self.nodes}"],
                 )
-                wait_healthy(port, node, f"flower-supernode {i}")
+                wait_healthy(f"http://127.0.0.1:{port}/health", node, f"flower-supernode {i}")
         except BaseException:
             self.close()
             raise
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{FEDERATION}"\n\n'
-            f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
-        )
+        write_flwr_home(self.home, f"127.0.0.1:{self.superlink_port}", None)
         return self
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -94,7 +67,7 @@ class LocalFederation:
 
     def run_app(self, app_dir: Path, timeout: float = 900, run_config: str | None = None) -> tuple[float, str]:
         """``flwr run APP_DIR --stream`` on this federation; returns (wall seconds, its output)."""
-        argv = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), FEDERATION, "--stream"]
+        argv = [flower_executable("flwr"), "run", str(app_dir), FEDERATION, "--stream"]
         if run_config:
             argv += ["--run-config", run_config]
         started = time.monotonic()

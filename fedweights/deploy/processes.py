@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,10 +38,10 @@ def flower_executable(name: str) -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
@@ -128,7 +127,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 6
             with urllib.request.urlopen(url, timeout=2, context=context) as response:  # noqa: S310 - our own child
                 if response.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
+        except OSError:  # URLError included
             pass
         time.sleep(0.1)
     raise UserError(f"{what} did not become ready at {url} within {timeout:.0f} s")

@@ -41,8 +41,9 @@ class ServerSecurity:
     authorized_nodes: Path | None = None
     insecure: bool = False
 
-    def validate(self) -> None:
-        """TLS unless --insecure; node authentication needs TLS (Flower's rule)."""
+    def validate(self) -> list[Path]:
+        """TLS unless --insecure; node authentication needs TLS (Flower's rule). Returns the
+        authorized node keys (checked), none without --authorized-nodes."""
         if self.insecure and self.tls_dir:
             raise UserError("--insecure and --tls-dir contradict each other: give one")
         if not self.insecure and not self.tls_dir:
@@ -55,8 +56,7 @@ class ServerSecurity:
         if self.tls_dir:
             for name in (CA_FILE, SERVER_CERT, SERVER_KEY):
                 tls_file(self.tls_dir, name)
-        if self.authorized_nodes:
-            authorized_keys(self.authorized_nodes)
+        return authorized_keys(self.authorized_nodes) if self.authorized_nodes else []
 
 
 def run_server(
@@ -73,7 +73,7 @@ def run_server(
     """
     console = console or Console()
     config.validate()
-    security.validate()
+    node_keys = security.validate()
     host, port = split_address(address, "--address")
     _check_he(config)
     build_strategy(config)  # fail fast on an unknown or unloadable strategy
@@ -96,8 +96,8 @@ def run_server(
             superlink = group.start("superlink", _superlink_argv(host, port, deploy / DATABASE, security))
             scheme = "http" if security.insecure else "https"
             wait_healthy(f"{scheme}://{connect}:{port}/health", superlink, "the SuperLink (see deploy/logs/superlink.log)")
-            if security.authorized_nodes:
-                _register(group, authorized_keys(security.authorized_nodes))
+            if node_keys:
+                _register(group, node_keys)
             console.print(f"SuperLink listening on {host}:{port} ({'insecure' if security.insecure else 'TLS'}); "
                           f"waiting for {config.wait_for_clients} client(s)")
             _stream_run(group, app_dir, console, verbose)
