@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load, save
 
 from ..config import RunConfig, _flatten, _norm, _unflatten, from_dict
@@ -116,8 +116,7 @@ def write_checkpoint(
         "random_state": _encode_random(random.getstate()),
     }
     atomic_write_json(folder / STATE_FILE, payload)
-    _fsync_dir(folder)
-    _fsync_dir(root)
+    _fsync_dir(root)  # the new round folder's entry (each file's write already synced the folder)
     files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
     manifest = {"format": FORMAT, "run_id": run_id, "round": server_round, "dir": folder.name, "files": files,
                 "uncaptured": uncaptured, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
@@ -281,15 +280,8 @@ def check_resume_changes(stored: dict[str, Any], config: RunConfig) -> None:
 def _load_arrays(folder: Path) -> ArrayRecord:
     if (folder / ENCRYPTED_MODEL).is_file():
         return load_envelope(folder / ENCRYPTED_MODEL)
-    data = (folder / PLAIN_MODEL).read_bytes()
-    tensors = load(data)
-    keys = json.loads(_safetensors_metadata(data)["keys"])
-    return ArrayRecord({k: Array(tensors[k]) for k in keys})
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
+    with safe_open(folder / PLAIN_MODEL, "numpy") as model:  # keys in the model's order, from the metadata
+        return ArrayRecord({k: Array(model.get_tensor(k)) for k in json.loads(model.metadata()["keys"])})
 
 
 def _sha256(path: Path) -> str:

@@ -137,7 +137,7 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray):
         return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
     if isinstance(a, ArrayRecord):
-        return list(a) == list(b) and all(_array_fields(a[k]) == _array_fields(b[k]) for k in a)
+        return list(a) == list(b) and all(a[k] == b[k] for k in a)  # Array: dtype, shape, stype, data
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -145,10 +145,6 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, float) and math.isnan(a):
         return math.isnan(b)
     return bool(a == b)
-
-
-def _array_fields(array: Array) -> tuple:
-    return array.dtype, tuple(array.shape), array.stype, bytes(array.data)
 
 
 class _Encoder:
