@@ -19,7 +19,7 @@ from .. import attacks
 from ..proximal import PROXIMAL_MU_KEY, local_criterion
 from ..task import ClientData
 from ..training import evaluate, make_optimizer, select_device, train_epochs
-from .encryption import plaintext_global, received_state, reply_arrays, reply_metrics
+from .encryption import plaintext_global, received_state, reply_arrays
 from .runtime import NODE_DATA, NODE_DEVICE, Runtime, node_partition, runtime_from_context
 
 ARRAYS = "arrays"
@@ -76,8 +76,8 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     state = attacks.tamper_update(config.attack, pid, start, trained, seed)
     content = RecordDict(
         {
-            ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime),  # encrypted under --he
-            METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train), **reply_metrics(msg, runtime)}),
+            ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime, model),  # encrypted under --he
+            METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
             **privacy,
         }
     )

@@ -49,13 +49,6 @@ def received_state(
     return _received(msg, context, runtime, model)[0]
 
 
-def received_momentum(
-    msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module
-) -> Mapping[str, torch.Tensor]:
-    """FedAvgM's server momentum that travelled with the encrypted global model (empty in round 1)."""
-    return _received(msg, context, runtime, model)[1]
-
-
 def _received(msg: Message, context: Context, runtime: Runtime, model: torch.nn.Module):
     arrays = msg.content[ARRAYS]
     if not is_encrypted(arrays):
@@ -81,9 +74,11 @@ def plaintext_global(msg: Message, context: Context, runtime: Runtime, model: to
 
 
 def reply_arrays(
-    state: Mapping[str, torch.Tensor], num_examples: int, msg: Message, context: Context, runtime: Runtime
+    state: Mapping[str, torch.Tensor], num_examples: int, msg: Message, context: Context, runtime: Runtime,
+    model: torch.nn.Module,
 ) -> ArrayRecord:
-    """The trained weights to send back: plaintext, or (with ``--he``) the encrypted weighted update."""
+    """The trained weights to send back: plaintext, or (with ``--he``) the encrypted weighted update.
+    ``model`` is the task's model (its layout, should the received global model need decrypting)."""
     if not runtime.config.he.enabled:
         return ArrayRecord(dict(state))
     config = msg.content[CONFIG]
@@ -93,24 +88,12 @@ def reply_arrays(
     normaliser, server_round = int(config[NORMALISER]), int(config.get("server-round", 0))
     section = section_of(runtime.config)
     if section is not None:  # server state computed here (FedAvgM momentum, DP-FedAvg noise share)
-        model = runtime.task().model_fn()
-        previous = received_state(msg, context, runtime, model)
-        momentum = received_momentum(msg, context, runtime, model)
+        previous, momentum = _received(msg, context, runtime, model)  # cached: train_reply decrypted it
         noise_only = bool(config.get(NOISE_ONLY, False))
         state = client_payload(runtime.config, previous, momentum, state, normaliser, noise_only)
         if section == UPDATE:
             num_examples = 1  # DP-FedAvg: every client counts equally, the cohort size is the normaliser
     return encrypt_update(key, state, num_examples, normaliser, server_round, compact=runtime.config.he.compact)
-
-
-def reply_metrics(msg: Message, runtime: Runtime) -> dict[str, int]:
-    """Extra train-reply metrics: under ``--user-dp --he``, the cohort size this client's noise
-    share was calibrated for (the coordinator's privacy file accounts the round with it)."""
-    if not (runtime.config.he.enabled and runtime.config.user_dp.enabled):
-        return {}
-    from ..privacy.distributed import COHORT_METRIC
-
-    return {COHORT_METRIC: int(msg.content[CONFIG].get(NORMALISER, 0))}
 
 
 def client_key(context: Context, config: RunConfig) -> HEKey:
@@ -184,7 +167,6 @@ __all__ = [
     "prepare_simulation_keys",
     "received_state",
     "reply_arrays",
-    "reply_metrics",
     "save_encrypted_model",
     "write_decrypted_model",
 ]

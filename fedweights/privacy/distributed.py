@@ -23,7 +23,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-COHORT_METRIC = "user-dp-cohort"  # train-reply metric: the cohort size the client's share assumed
 
 
 def noise_share_std(noise_multiplier: float, clipping_norm: float, cohort: int) -> float:

@@ -24,7 +24,7 @@ from ..fileio import atomic_write_json
 from ..flower.round_loop import RoundHooks
 from ..run_dir import RoundRecord, RunDir
 from .accounting import Entry
-from .distributed import COHORT_METRIC
+from .distributed import effective_noise_multiplier
 from .user_level import planned_guarantee, rounds_epsilon
 
 USER_PRIVACY_FILE = "user_privacy.json"
@@ -57,15 +57,18 @@ class UserLevelPrivacyFile(RoundHooks):
         self.run_path = run_dir.path
         self.path = run_dir.path / USER_PRIVACY_FILE
         self.history: list[Entry] = self._resumed_history() if config.resume else []  # one (z, q, 1) per round
+        self.cohort = 0  # clients asked for a noise share this round (the coordinator's normaliser)
+
+    def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
+        """Under --he every train message asks one client for one noise share."""
+        self.cohort = len(messages)
 
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Account this round before its model is released."""
         z = self.plan.noise_multiplier
         if self.distributed:
-            usable = [r for r in replies if not r.has_error()]
-            cohorts = [int(r.content["metrics"].get(COHORT_METRIC, 0)) for r in usable if "metrics" in r.content]
-            cohort = max([len(usable), *cohorts])
-            z = _effective(z, len(usable), cohort)
+            usable = sum(not r.has_error() for r in replies)
+            z = _effective(z, usable, max(usable, self.cohort))
         self._book(server_round, z)
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
@@ -114,8 +117,6 @@ class UserLevelPrivacyFile(RoundHooks):
 
 def _effective(noise_multiplier: float, summed: int, cohort: int) -> float:
     """z of a round whose sum holds ``summed`` of ``cohort`` shares (no reply: no release, book z)."""
-    from .distributed import effective_noise_multiplier
-
     if summed < 1 or cohort < 1:
         return noise_multiplier
     return effective_noise_multiplier(noise_multiplier, min(summed, cohort), cohort)
