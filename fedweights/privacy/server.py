@@ -110,11 +110,13 @@ class PrivacyHooks(RoundHooks):
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Keep privacy.json current after every round (e.g. for a model published each round)."""
-        write_privacy_json(self.run_path)
+        if not self.config.user_dp.enabled:  # else the user-level hook, after this one, writes the merged file
+            write_privacy_json(self.run_path)
 
     def on_run_end(self, run_dir: RunDir, arrays: ArrayRecord) -> None:
-        """Write privacy.json and report.html."""
-        write_reports(run_dir.path)
+        """Write privacy.json and report.html (with user-level DP too: the user-level hook does)."""
+        if not self.config.user_dp.enabled:
+            write_reports(run_dir.path)
 
     # ------------------------------------------------------------------ records
 
