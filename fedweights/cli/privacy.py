@@ -83,8 +83,6 @@ def _plan_user_level(population, clients_per_round, rounds, noise_multiplier, ta
         raise UserError("--user-level plans use the pld accountant (as user-level runs report)")
     if population < 1 or rounds < 1:
         raise UserError(f"--population and --rounds must be >= 1, got {population} and {rounds}")
-    if noise_multiplier is not None:
-        check_entry(noise_multiplier, 0.5, 0)
     plan = plan_run(population, clients_per_round, rounds, delta, noise_multiplier=noise_multiplier,
                     target_epsilon=target_epsilon)
     result = {

@@ -14,30 +14,22 @@ from functools import lru_cache
 
 from ..config import UserDPConfig
 from ..errors import UserError
-from .accounting import Entry, calibrate_noise, check_delta, epsilon
+from .accounting import calibrate_noise, epsilon
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
 
 
 def user_level_epsilon(sample_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
     """ε of a DP-FedAvg run at ``delta``: the same PLD accounting as DP-SGD steps
-    (:func:`fedweights.privacy.accounting.epsilon`; pessimistic, never below the truth)."""
-    _check(sample_rate, rounds, delta)
-    if noise_multiplier <= 0:
-        raise UserError(f"noise multiplier must be > 0, got {noise_multiplier}")
+    (:func:`fedweights.privacy.accounting.epsilon`, which checks the inputs; pessimistic, never
+    below the truth)."""
     return epsilon([(noise_multiplier, sample_rate, rounds)], delta, "pld")
-
-
-def rounds_epsilon(history: list[Entry], delta: float) -> float:
-    """ε of rounds with differing noise multipliers: ``history`` holds ``(z, q, rounds)`` entries."""
-    return epsilon(history, delta, "pld")
 
 
 @lru_cache(maxsize=32)
 def noise_for_epsilon(target_epsilon: float, sample_rate: float, rounds: int, delta: float) -> float:
     """Smallest noise multiplier (within 0.1 %) whose run spends at most ``target_epsilon`` at
     ``delta``; :func:`fedweights.privacy.accounting.calibrate_noise` with rounds as steps."""
-    _check(sample_rate, rounds, delta)
     return calibrate_noise(target_epsilon, sample_rate, rounds, delta, "pld")
 
 
@@ -98,10 +90,3 @@ def planned_guarantee(user_dp: UserDPConfig, population: int, rounds: int) -> Us
         user_dp.target_epsilon,
     )
 
-
-def _check(sample_rate: float, rounds: int, delta: float) -> None:
-    if not 0 < sample_rate <= 1:
-        raise UserError(f"sample rate must be in (0, 1], got {sample_rate}")
-    if rounds < 0:
-        raise UserError(f"rounds must be >= 0, got {rounds}")
-    check_delta(delta)

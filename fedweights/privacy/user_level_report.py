@@ -23,9 +23,9 @@ from ..config import RunConfig
 from ..fileio import atomic_write_json
 from ..flower.round_loop import RoundHooks
 from ..run_dir import RoundRecord, RunDir
-from .accounting import Entry
+from .accounting import Entry, epsilon
 from .distributed import effective_noise_multiplier
-from .user_level import planned_guarantee, rounds_epsilon
+from .user_level import planned_guarantee
 
 USER_PRIVACY_FILE = "user_privacy.json"
 
@@ -100,7 +100,7 @@ class UserLevelPrivacyFile(RoundHooks):
         p = self.plan
         self.history.append((noise_multiplier, p.sample_rate, 1))
         rounds = max(server_round, len(self.history))  # rounds of the mechanism accounted
-        spent = dataclasses.replace(p, rounds=rounds, epsilon=rounds_epsilon(self.history, p.delta))
+        spent = dataclasses.replace(p, rounds=rounds, epsilon=epsilon(self.history, p.delta, "pld"))
         content = {**spent.to_dict(), "noise": "distributed" if self.distributed else "central"}
         if self.distributed:
             content["history"] = [list(e) for e in self.history]
