@@ -144,7 +144,8 @@ def run_client(
     while True:
         with ProcessGroup(state_dir / "logs") as group:
             supernode = group.start("supernode", argv)
-            superexec = group.start("superexec", warm_superexec_argv(runtime_port, supernode.pid))
+            warm = warm_superexec_argv(runtime_port, supernode.pid, node_config.get(keys.NODE_DATA))
+            superexec = group.start("superexec", warm)
             while supernode.poll() is None and superexec.poll() is None:
                 time.sleep(0.2)
             if supernode.poll() is None:
@@ -166,10 +167,12 @@ def run_client(
     return code
 
 
-def warm_superexec_argv(runtime_port: int, supernode_pid: int) -> list[str]:
-    """The warm SuperExec for a SuperNode whose Runtime API listens on loopback ``runtime_port``."""
-    return [sys.executable, "-m", "fedweights.deploy.warm_executor", "--runtime-api-address",
+def warm_superexec_argv(runtime_port: int, supernode_pid: int, node_data: str | None = None) -> list[str]:
+    """The warm SuperExec for a SuperNode whose Runtime API listens on loopback ``runtime_port``
+    (``node_data``: the node's own data file, loaded once for all its tasks)."""
+    argv = [sys.executable, "-m", "fedweights.deploy.warm_executor", "--runtime-api-address",
             f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(supernode_pid)]
+    return argv + (["--node-data", str(node_data)] if node_data else [])
 
 
 def _value(value: str | int) -> str:

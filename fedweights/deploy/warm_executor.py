@@ -143,11 +143,17 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def preload() -> None:
-    """Import what every ClientApp task needs, once (the point of this process)."""
+def preload(node_data: str | None = None) -> None:
+    """Import what every ClientApp task needs, once (the point of this process), and read the
+    node's own data file: every task is a fork and finds it loaded (``load_node_data``'s cache)."""
     import torch  # noqa: F401, PLC0415
 
     import fedweights.flower.client_app  # noqa: F401, PLC0415
+
+    if node_data:
+        from fedweights.data.node_data import load_node_data  # noqa: PLC0415
+
+        load_node_data(node_data)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--insecure", action="store_true", help="Runtime API without TLS (loopback)")
     parser.add_argument("--root-certificates", help="CA of the Runtime API's TLS certificate")
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the SuperNode) ends")
+    parser.add_argument("--node-data", help="the node's own .npz (fedweights client --data), read once here")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    preload()
+    preload(args.node_data)
     log(INFO, "fedweights warm SuperExec ready (imports took %.1f s)", time.monotonic() - started)
     executor = ForkExecutor()
     # run_superexec picks its executor by type (subprocess/kubernetes); give it ours instead.
