@@ -51,11 +51,16 @@ def clip_and_noise(
     ``noise_only``: the client's data is not used (Δ taken as 0), only its noise share is sent.
     """
     arrays = {k: t.detach().cpu().double().numpy() for k, t in delta.items()}
-    if noise_only:
-        arrays = {k: np.zeros_like(a) for k, a in arrays.items()}
-    norm = math.sqrt(sum(float(np.sum(np.square(a))) for a in arrays.values()))
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    clipped = {k: np.zeros_like(a) for k, a in arrays.items()} if noise_only else clip_l2(arrays, clipping_norm)
     return {
-        k: torch.from_numpy(a * scale + rng.normal(0.0, share_std, a.shape)).to(delta[k].dtype)
-        for k, a in arrays.items()
+        k: torch.from_numpy(a + rng.normal(0.0, share_std, a.shape)).to(delta[k].dtype)
+        for k, a in clipped.items()
     }
+
+
+def clip_l2(arrays: Mapping[str, np.ndarray], clipping_norm: float) -> dict[str, np.ndarray]:
+    """``arrays`` as one vector, scaled down to L2 norm ≤ ``clipping_norm`` (unchanged when within)."""
+    norm = math.sqrt(sum(float(np.sum(np.square(a))) for a in arrays.values()))
+    if norm <= clipping_norm:
+        return dict(arrays)
+    return {k: a * (clipping_norm / norm) for k, a in arrays.items()}

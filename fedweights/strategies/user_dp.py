@@ -22,6 +22,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from ..config import RunConfig
+from ..privacy.distributed import clip_l2
 from ..privacy.user_level import planned_guarantee
 
 
@@ -145,11 +146,7 @@ def clip_update(
     arrays: ArrayRecord, current: dict[str, np.ndarray], keys: Iterable[str], clipping_norm: float
 ) -> dict[str, np.ndarray]:
     """The update ``arrays - current`` over ``keys`` (float64), scaled down to L2 norm ≤ ``clipping_norm``."""
-    delta = {k: arrays[k].numpy().astype(np.float64) - current[k] for k in keys}
-    norm = float(np.sqrt(sum(np.sum(np.square(d)) for d in delta.values())))
-    if norm > clipping_norm:
-        delta = {k: d * (clipping_norm / norm) for k, d in delta.items()}
-    return delta
+    return clip_l2({k: arrays[k].numpy().astype(np.float64) - current[k] for k in keys}, clipping_norm)
 
 
 def _no_metrics(_records: list[RecordDict], _weight_key: str) -> MetricRecord:
