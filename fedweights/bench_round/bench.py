@@ -19,38 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config import RunConfig
+from ..deploy.federation import write_app_dir
 from ..errors import UserError
 from .federation import LocalFederation
 
 TARGET_RATIO = 1.1
 CLIENTS = 2
 STOCK_APP = Path(__file__).resolve().parents[2] / "bench" / "stock_flower_app"
-
-FEDWEIGHTS_APP = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedweights-round-bench"
-version = "0.1.0"
-description = "fedweights' own ServerApp and ClientApp, for the round benchmark."
-license = "Apache-2.0"
-
-[tool.flwr.app]
-publisher = "fedweights"
-
-[tool.flwr.app.components]
-serverapp = "fedweights.flower.server_app:app"
-clientapp = "fedweights.flower.client_app:app"
-
-[tool.flwr.app.config]
-clients = {clients}
-rounds = {rounds}
-device = "cpu"
-out = "{out}"
-"""
-
 
 def run(rounds: int = 3, repeats: int = 2, workdir: Path | None = None) -> dict:
     """Run both apps ``repeats`` times each (alternating) for ``rounds`` rounds; return the results."""
@@ -76,8 +52,7 @@ def run(rounds: int = 3, repeats: int = 2, workdir: Path | None = None) -> dict:
 
 def _run_fedweights(federation: LocalFederation, work: Path, rounds: int) -> dict:
     app, out = work / "fedweights-app", work / "fedweights-run"
-    app.mkdir(parents=True, exist_ok=True)
-    (app / "pyproject.toml").write_text(FEDWEIGHTS_APP.format(clients=CLIENTS, rounds=rounds, out=out))
+    write_app_dir(app, RunConfig(clients=CLIENTS, rounds=rounds, device="cpu", out=str(out)))
     wall, _ = federation.run_app(app)
     metrics = json.loads((out / "metrics.json").read_text())
     return {

@@ -8,9 +8,9 @@ travels as the App's default config (every key, so nothing has to be declared el
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
+
+import tomli_w
 
 from ..config import RunConfig
 from ..fileio import atomic_write_bytes
@@ -22,50 +22,25 @@ CLIENT_APP = "fedweights.flower.client_app:app"
 
 def write_flwr_home(home: Path, address: str, root_certificates: str | None) -> Path:
     """``HOME/config.toml`` naming the SuperLink at ``address`` (TLS with that CA, or insecure)."""
-    lines = ["[superlink]", f'default = "{FEDERATION}"', "", f"[superlink.{FEDERATION}]", f"address = {_toml(address)}"]
-    if root_certificates:
-        lines.append(f"root-certificates = {_toml(str(Path(root_certificates).resolve()))}")
-    else:
-        lines.append("insecure = true")
+    trust = {"root-certificates": str(Path(root_certificates).resolve())} if root_certificates else {"insecure": True}
+    superlink = {"default": FEDERATION, FEDERATION: {"address": address, **trust}}
     path = Path(home) / "config.toml"
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, tomli_w.dumps({"superlink": superlink}).encode())
     return path
 
 
 def write_app_dir(directory: Path, config: RunConfig) -> Path:
     """A Flower App directory running fedweights' ServerApp/ClientApp with ``config`` as its run config."""
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        'name = "fedweights-run"',
-        'version = "1.0.0"',
-        'description = "A fedweights run (written by fedweights server)"',
-        'license = "Apache-2.0"',
-        "dependencies = []",
-        "",
-        "[tool.flwr.app]",
-        'publisher = "fedweights"',
-        "",
-        "[tool.flwr.app.components]",
-        f'serverapp = "{SERVER_APP}"',
-        f'clientapp = "{CLIENT_APP}"',
-        "",
-        "[tool.flwr.app.config]",
-        *(f"{_toml(key)} = {_toml(value)}" for key, value in config.to_flat().items()),
-    ]
+    app = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedweights-run", "version": "1.0.0", "license": "Apache-2.0", "dependencies": [],
+                    "description": "A fedweights run (written by fedweights server)"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedweights",
+            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+            "config": config.to_flat(),
+        }}},
+    }
     path = Path(directory) / "pyproject.toml"
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, tomli_w.dumps(app).encode())
     return Path(directory)
-
-
-def _toml(value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan"
-    return json.dumps(value)  # a TOML basic string: JSON's escapes are valid TOML escapes
