@@ -32,6 +32,11 @@ Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 Entry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
+
+def as_entries(rows: Iterable[Sequence[float]]) -> list[Entry]:
+    """``(σ, q, steps)`` tuples from rows read back from JSON (lists, any number types)."""
+    return [(float(s), float(q), int(n)) for s, q, n in rows]
+
 PLD_DISCRETIZATION = 1e-4  # dp-accounting's PLDAccountant default
 MAX_NOISE_MULTIPLIER = 1_000.0  # calibration gives up above this (the target is then unreachable)
 DEFAULT_MAX_DELTA = 1e-5

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..fileio import atomic_write_json
 from ..flower.runtime import NODE_NAME, NODE_STATE_DIR, PARTITION_ID, RUN_ID_KEY, Runtime
-from .accounting import covering_history, epsilon
+from .accounting import as_entries, covering_history, epsilon
 from .dp_sgd import RoundPlan, train_private_round
 from .plan import client_delta, round_plan
 from .protocol import BUDGET_EXHAUSTED, PRIVACY, ClientSpend, exhausted_reason, ledger_history
@@ -46,7 +46,7 @@ class AccountantState:
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """All (σ, q, steps) entries so far."""
-        return [(float(s), float(q), int(n)) for s, q, n in self.data["history"]]
+        return as_entries(self.data["history"])
 
     def cover(self, ledger: list[tuple[float, float, int]]) -> None:
         """Take the smallest history covering ours and the coordinator's ledger account (a client

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from flwr.app import ConfigRecord, RecordDict
 
-from .accounting import Entry
+from .accounting import Entry, as_entries
 from .ledger import format_epsilon
 
 PRIVACY = "privacy"  # RecordDict key of the ConfigRecord holding a ClientSpend
@@ -48,20 +48,20 @@ class ClientSpend:
     def to_record(self) -> ConfigRecord:
         """As a Flower ConfigRecord (history JSON-encoded; no budget key when unlimited)."""
         values = asdict(self)
-        values["history"] = json.dumps([list(e) for e in self.history])
+        values["history"] = _encode(self.history)
         return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> ClientSpend:
         """Parse a reply's ConfigRecord; raises KeyError/ValueError when it is malformed."""
         values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
-        values["history"] = [(float(s), float(q), int(n)) for s, q, n in json.loads(str(values["history"]))]
+        values["history"] = _decode(values["history"])
         return cls(**values)
 
 
 def ledger_account_record(client_id: str, history: list[Entry]) -> ConfigRecord:
     """The coordinator's account of ``client_id`` (its ledger history), for a train message."""
-    return ConfigRecord({"client": client_id, "history": json.dumps([list(e) for e in history])})
+    return ConfigRecord({"client": client_id, "history": _encode(history)})
 
 
 def ledger_history(content: RecordDict, client_id: str) -> list[Entry]:
@@ -72,7 +72,7 @@ def ledger_history(content: RecordDict, client_id: str) -> list[Entry]:
     record = content[LEDGER_ACCOUNT]
     if str(record.get("client", "")) != client_id:
         return []
-    return [(float(s), float(q), int(n)) for s, q, n in json.loads(str(record["history"]))]
+    return _decode(record["history"])
 
 
 def exhausted_reason(client_id: str, spent: float, next_epsilon: float, budget: float, delta: float) -> str:
@@ -88,3 +88,11 @@ def parse_exhausted_reason(reason: str | None) -> tuple[str, float] | None:
     """(client id, ε spent) from an :func:`exhausted_reason`, or None for other reasons."""
     match = _EXHAUSTED.match(reason or "")
     return (match["client"], float(match["spent"])) if match else None
+
+
+def _encode(history: list[Entry]) -> str:
+    return json.dumps([list(e) for e in history])  # a ConfigRecord holds no nested lists
+
+
+def _decode(text: str) -> list[Entry]:
+    return as_entries(json.loads(str(text)))

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
 from ..run_dir import RoundRecord, RunDir
-from .accounting import Entry, covering_history, epsilon
+from .accounting import Entry, as_entries, covering_history, epsilon
 from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
 from .protocol import (
     BUDGET_EXHAUSTED,
@@ -184,7 +184,7 @@ class PrivacyHooks(RoundHooks):
         client = str(entry["client"])
         self.client_of_node[str(entry.get("node"))] = client
         if entry.get("history") is not None:
-            self.histories[client] = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+            self.histories[client] = as_entries(entry["history"])
         self.last[client] = {**self.last.get(client, {}), **{k: v for k, v in entry.items() if v is not None}}
 
 

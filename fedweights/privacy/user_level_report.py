@@ -23,7 +23,7 @@ from ..config import RunConfig
 from ..fileio import atomic_write_json
 from ..flower.round_loop import RoundHooks
 from ..run_dir import RoundRecord, RunDir
-from .accounting import Entry, epsilon
+from .accounting import Entry, as_entries, epsilon
 from .distributed import effective_noise_multiplier
 from .user_level import planned_guarantee
 
@@ -93,7 +93,7 @@ class UserLevelPrivacyFile(RoundHooks):
             return []
         user = json.loads(self.path.read_text())["user_level"]
         if "history" in user:
-            return [(float(z), float(q), int(n)) for z, q, n in user["history"]]
+            return as_entries(user["history"])
         return [(float(user["noise_multiplier"]), float(user["sample_rate"]), 1)] * int(user["rounds"])
 
     def _book(self, server_round: int, noise_multiplier: float) -> None:
