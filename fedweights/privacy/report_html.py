@@ -25,48 +25,71 @@ img{max-width:100%}code{background:#f4f4f4;padding:0 .2em}
 
 
 def render_html(summary: dict[str, Any], run_dir: Path) -> str:
-    """The report page for a privacy summary (see ``report.summarize``)."""
+    """The report page for a privacy summary (see ``report.summarize``); a run with user-level DP
+    only has no record-level ledger, so its page has no per-client sections."""
     metrics_path = run_dir / METRICS_FILE
     rounds = json.loads(metrics_path.read_text()).get("rounds", []) if metrics_path.exists() else []
-    if "clients" not in summary:  # user-level DP only: no record-level ledger
-        return _user_only_page(summary, rounds)
-    esc = html.escape
-    warnings = []
-    if summary.get("stopped_early"):
-        warnings.append(f"The run stopped early: {esc(summary['stopped_early'])}")
-    exhausted = [c for c, v in summary["clients"].items() if v["exhausted"]]
-    if exhausted:
-        warnings.append(f"Client(s) {esc(', '.join(exhausted))} reached their privacy budget and stopped training.")
-    unprotected = [c for c, v in summary["clients"].items() if v["unaccounted"]]
-    if unprotected:
-        warnings.append(f"Client(s) {esc(', '.join(unprotected))} sent updates without DP accounting: unprotected.")
+    esc, record_level = html.escape, "clients" in summary
+    run_id = str(summary.get("run_id") or "")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>fedweights privacy report {esc(str(summary.get('run_id') or ''))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Privacy report — run {esc(str(summary.get('run_id') or '?'))}</h1>",
-        f"<p>Status: <b>{esc(str(summary['status']))}</b>. Largest ε over clients: "
-        f"<b>{format_epsilon(summary['epsilon_max'])}</b> at δ = <b>{_fmt(summary['delta'])}</b> "
-        f"({esc(summary['accountant'])} accountant).</p>",
+        f"<title>fedweights privacy report {esc(run_id)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Privacy report — run {esc(run_id or '?')}</h1>",
+        f"<p>Status: <b>{esc(str(summary['status']))}</b>. {_headline(summary)}</p>",
         "<h2>What this guarantees</h2>",
         f"<p class='guarantee'>{esc(summary['guarantee'])}</p>",
-        *[f"<p class='warn'>{w}</p>" for w in warnings],
-        "<h2>Privacy spent per client over the rounds</h2>",
-        _img(_epsilon_plot(summary), "epsilon per client versus round"),
+        *[f"<p class='warn'>{w}</p>" for w in _warnings(summary)],
+    ]
+    if record_level:
+        parts += ["<h2>Privacy spent per client over the rounds</h2>", _img(_epsilon_plot(summary), "epsilon per client versus round")]
+    parts += [
         "<h2>Accuracy over the rounds</h2>",
         _img(_accuracy_plot(rounds), "global model accuracy versus round") if rounds else "<p>No rounds recorded.</p>",
-        "<h2>Clients</h2>",
-        _clients_table(summary),
+    ]
+    if record_level:
+        parts += ["<h2>Clients</h2>", _clients_table(summary)]
+    parts += [
         "<h2>Settings used</h2>",
         _table(["setting", "value"], [[k, _fmt(v)] for k, v in summary["settings"].items()]),
         *_user_level_section(summary),
-        "<h2>Audit trail</h2>",
-        f"<p>Every round appended each client's (σ, q, steps) history and ε to <code>{esc(summary['ledger']['file'])}</code> "
-        f"({summary['ledger']['entries']} hash-chained entries, last SHA-256 <code>{esc(summary['ledger']['last_sha256'][:16])}…</code>), "
-        "written before that round's updates were aggregated. ε was recomputed by the coordinator from those histories. "
-        "<code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan</code> reproduces any of them.</p>",
+        *(_audit_trail(summary) if record_level else [
+            "<p><code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan "
+            "--user-level</code> reproduces ε from the quantities above.</p>"]),
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    if "clients" in summary:
+        return (f"Largest ε over clients: <b>{format_epsilon(summary['epsilon_max'])}</b> at δ = "
+                f"<b>{_fmt(summary['delta'])}</b> ({html.escape(summary['accountant'])} accountant).")
+    user = summary["user_level"]
+    return (f"User-level ε: <b>{format_epsilon(as_epsilon(user['epsilon']))}</b> at δ = <b>{_fmt(user['delta'])}</b> "
+            f"after {html.escape(str(user['rounds']))} round(s) (pld accountant).")
+
+
+def _warnings(summary: dict[str, Any]) -> list[str]:
+    esc, clients = html.escape, summary.get("clients", {})
+    warnings = [f"The run stopped early: {esc(summary['stopped_early'])}"] if summary.get("stopped_early") else []
+    exhausted = [c for c, v in clients.items() if v["exhausted"]]
+    if exhausted:
+        warnings.append(f"Client(s) {esc(', '.join(exhausted))} reached their privacy budget and stopped training.")
+    unprotected = [c for c, v in clients.items() if v["unaccounted"]]
+    if unprotected:
+        warnings.append(f"Client(s) {esc(', '.join(unprotected))} sent updates without DP accounting: unprotected.")
+    return warnings
+
+
+def _audit_trail(summary: dict[str, Any]) -> list[str]:
+    esc, ledger = html.escape, summary["ledger"]
+    return [
+        "<h2>Audit trail</h2>",
+        f"<p>Every round appended each client's (σ, q, steps) history and ε to <code>{esc(ledger['file'])}</code> "
+        f"({ledger['entries']} hash-chained entries, last SHA-256 <code>{esc(ledger['last_sha256'][:16])}…</code>), "
+        "written before that round's updates were aggregated. ε was recomputed by the coordinator from those histories. "
+        "<code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan</code> reproduces any of them.</p>",
+    ]
 
 
 def _user_level_section(summary: dict[str, Any]) -> list[str]:
@@ -77,30 +100,6 @@ def _user_level_section(summary: dict[str, Any]) -> list[str]:
         "<h2>User-level (client-level) DP</h2>",
         _table(["quantity", "value"], [[k, _fmt(v)] for k, v in user.items() if not isinstance(v, (list, dict))]),
     ]
-
-
-def _user_only_page(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> str:
-    esc = html.escape
-    user = summary["user_level"]
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>fedweights privacy report {esc(str(summary.get('run_id') or ''))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Privacy report — run {esc(str(summary.get('run_id') or '?'))}</h1>",
-        f"<p>Status: <b>{esc(str(summary['status']))}</b>. User-level ε: <b>{format_epsilon(as_epsilon(user['epsilon']))}</b> "
-        f"at δ = <b>{_fmt(user['delta'])}</b> after {esc(str(user['rounds']))} round(s) (pld accountant).</p>",
-        "<h2>What this guarantees</h2>",
-        f"<p class='guarantee'>{esc(summary['guarantee'])}</p>",
-        *([f"<p class='warn'>The run stopped early: {esc(summary['stopped_early'])}</p>"] if summary.get("stopped_early") else []),
-        "<h2>Accuracy over the rounds</h2>",
-        _img(_accuracy_plot(rounds), "global model accuracy versus round") if rounds else "<p>No rounds recorded.</p>",
-        *_user_level_section(summary),
-        "<h2>Settings used</h2>",
-        _table(["setting", "value"], [[k, _fmt(v)] for k, v in summary["settings"].items()]),
-        "<p><code>privacy.json</code> holds these numbers for machines; <code>fedweights privacy plan --user-level</code> "
-        "reproduces ε from the quantities above.</p>",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
 
 
 def _clients_table(summary: dict[str, Any]) -> str:
