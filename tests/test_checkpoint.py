@@ -31,6 +31,7 @@ from fedweights.privacy.ledger import Ledger
 from fedweights.progress import RichReporter
 from fedweights.run_dir import RunDir
 from fedweights.strategies import build_strategy
+from fedweights.strategies.validation import ValidatedStrategy
 from fedweights.task import builtin_task
 
 from .conftest import REPO
@@ -262,6 +263,42 @@ def test_custom_strategy_state_is_captured_through_state_dict_or_refused():
     fresh = CounterWithState()
     StrategyState(fresh).restore(tree, blobs)
     assert fresh.loaded["rounds"] == 3 and np.array_equal(fresh.loaded["norms"], np.arange(4.0))
+
+
+class Tally(FedAvg):
+    """A custom strategy whose state has names fedweights' own strategies use for per-round scratch."""
+
+    checkpoint_exclude = ("scratch",)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rejected: dict[str, int] = {}
+        self._round = 0
+        self.scratch = 0
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        self.rejected[str(server_round)], self._round, self.scratch = server_round, server_round, server_round
+        return super().aggregate_train(server_round, replies)
+
+
+class ValidatedTally(ValidatedStrategy):
+    """A subclass of a fedweights strategy: its base's per-round scratch stays excluded."""
+
+
+def test_only_what_a_strategy_class_excludes_is_left_out_of_its_checkpoint():
+    tally = Tally()
+    wrapped = ValidatedTally(tally)
+    state = StrategyState(wrapped)
+    tally.aggregate_train(3, [])
+    wrapped.rejected[3], wrapped._global = [{"node": "1", "reason": "r"}], ArrayRecord()
+    tree, blobs, uncaptured = state.capture()
+    assert uncaptured == []
+    assert tree["strategy"]["attributes"] == {}  # the wrapper's rejected/_global live within a round
+    assert set(tree["strategy.strategy"]["attributes"]) == {"rejected", "_round"}  # its own class's names only
+
+    fresh = Tally()
+    StrategyState(ValidatedTally(fresh)).restore(tree, blobs)
+    assert (fresh.rejected, fresh._round, fresh.scratch) == ({"3": 3}, 3, 0)
 
 
 def test_checkpoint_files_are_safetensors_and_json(tmp_path):

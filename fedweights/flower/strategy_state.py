@@ -13,7 +13,8 @@ the binary parts; nothing is pickled, so loading a checkpoint never runs code.
 
 A custom strategy whose state lives in other objects implements ``state_dict() -> dict`` and
 ``load_state_dict(state)`` (values of the data types above); then its attributes are not walked.
-Attributes it names in a ``checkpoint_exclude`` class attribute (per-round scratch) are skipped.
+Attributes named in a ``checkpoint_exclude`` class attribute of its class or a base class
+(per-round scratch) are skipped; nothing else is, whatever its name.
 State that can be neither captured nor excluded is listed in ``uncaptured``; a resume refuses it.
 """
 
@@ -25,12 +26,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from ..errors import UserError
 
 EXCLUDE_ATTRIBUTE = "checkpoint_exclude"
-ROUND_SCRATCH = frozenset({"rejected", "_global", "_expect", "_planned", "_round", "_pending_events"})
-"""Attributes of fedweights' and Flower's strategies that only live within one round."""
+FLOWER_ROUND_SCRATCH = {DifferentialPrivacyFixedClippingBase: ("_pending_events",)}
+"""Per-round attributes of Flower's strategies (which have no ``checkpoint_exclude`` of their own)."""
 
 
 class StateError(UserError):
@@ -97,7 +99,8 @@ def _chain(strategy: Any) -> list[tuple[str, Any]]:
 
 
 def _attributes(obj: Any) -> dict[str, Any]:
-    excluded = ROUND_SCRATCH | set(getattr(type(obj), EXCLUDE_ATTRIBUTE, ()))
+    excluded = {name for cls in type(obj).__mro__
+                for name in (*vars(cls).get(EXCLUDE_ATTRIBUTE, ()), *FLOWER_ROUND_SCRATCH.get(cls, ()))}
     return {k: v for k, v in vars(obj).items() if k not in excluded and k != "strategy"}
 
 

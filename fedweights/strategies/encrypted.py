@@ -62,7 +62,8 @@ class EncryptedFedAvg(FedAvg):
     """
 
     linear_in_updates = True
-    checkpoint_exclude = ("layout",)  # learnt again from the global model each round
+    # the layout is learnt again from the global model each round; the rest lives within one round
+    checkpoint_exclude = ("layout", "rejected", "_expect", "_planned", "_round")
 
     def __init__(
         self,

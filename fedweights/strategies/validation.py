@@ -33,6 +33,8 @@ REJECTED_PREFIX = "update rejected: "
 class ValidatedStrategy(Strategy):
     """Runs ``strategy`` on the training replies that pass validation against the global model."""
 
+    checkpoint_exclude = ("rejected", "_global")  # both live within one round
+
     def __init__(self, strategy: Strategy, max_norm: float | None = None) -> None:
         self.strategy = strategy
         self.max_norm = max_norm
