@@ -6,6 +6,7 @@ partition id are flagged and their privacy spends composed."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -91,13 +92,17 @@ def test_own_data_nodes_train_under_their_names_and_a_misfit_file_fails_only_its
 
 
 @pytest.mark.usefixtures("serverapp_process")
-def test_two_nodes_on_one_partition_id_are_flagged_and_their_spends_composed(tmp_path):
+def test_two_nodes_on_one_partition_id_are_flagged_and_their_spends_composed(tmp_path, caplog):
     """An operator starts two nodes with --partition 0/2: both train on the same examples, so the
     account of client 0 must hold both nodes' steps (never one node's) and say what happened."""
     config = RunConfig(clients=2, rounds=2, seed=3, out=str(tmp_path / "run"), dp=DPConfig(enabled=True, noise_multiplier=1.0))
     nodes = {1: node_configs(2)[1], 2: node_configs(2)[1]}  # both partition 0 of 2
-    run_federation(LocalGrid(Runtime(config), nodes), Runtime(config), reporter=RichReporter())
+    with caplog.at_level(logging.WARNING, logger="fedweights.privacy"):
+        run_federation(LocalGrid(Runtime(config), nodes), Runtime(config), reporter=RichReporter())
 
+    said = [r.getMessage() for r in caplog.records if r.name == "fedweights.privacy"]
+    assert [m.split(":")[0] for m in said] == ["round 1", "round 2"]  # on the console, once per round
+    assert all("nodes 1, 2 all sent client id 0" in m for m in said)
     ledger = Ledger(config.out).read()
     assert [e["client"] for e in ledger] == ["0"] * 4
     assert all("also came from node(s)" in e["warning"] for e in ledger)

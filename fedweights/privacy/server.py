@@ -10,6 +10,7 @@ plus this round's steps, so a client that lost its accountant state is never und
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -34,6 +35,7 @@ from .protocol import (
 )
 from .report import PRIVACY_FILE, REPORT_FILE, write_privacy_json, write_reports
 
+log = logging.getLogger("fedweights.privacy")
 BUDGET_RTOL = 1e-6  # clients check the same ε computation against the budget: allow float noise only
 
 
@@ -96,6 +98,7 @@ class PrivacyHooks(RoundHooks):
                 self._remember(record)  # one client id sent twice in a round: the second composes onto the first
         records = _flag_over_budget(_flag_shared_ids(records), self.config.dp.max_epsilon)
         self.ledger.append(records)  # durable before any update is used (remembered above)
+        _warn_shared_ids(server_round, records)
         over = [r for r in records if r.get("over_budget")]
         usable = sum(not r.has_error() for r in replies) - len(over)
         needed = max(1, min(self.config.min_replies, len(replies)))
@@ -203,6 +206,19 @@ def _flag_shared_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "started with one partition id train on the same examples; their spends are composed under this id"
             )
     return records
+
+
+def _warn_shared_ids(server_round: int, records: list[dict[str, Any]]) -> None:
+    """Say on the coordinator's console, once per client id, that several nodes sent it this round."""
+    nodes: dict[str, list[str]] = {}
+    for record in records:
+        if record.get("warning"):
+            nodes.setdefault(str(record["client"]), []).append(str(record["node"]))
+    for client, senders in nodes.items():
+        log.warning(
+            "round %d: nodes %s all sent client id %s (started with one partition id?); they train on the same "
+            "examples, so their privacy spends are composed under that id — give each node its own partition",
+            server_round, ", ".join(senders), client)
 
 
 def _flag_over_budget(records: list[dict[str, Any]], budget: float | None) -> list[dict[str, Any]]:
