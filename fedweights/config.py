@@ -231,7 +231,8 @@ class RunConfig:
     user_dp: UserDPConfig = field(default_factory=UserDPConfig)
 
     def validate(self) -> None:
-        """Check ranges and cross-field rules; raise ConfigError naming the key."""
+        """Check types, choices, ranges and cross-field rules; raise ConfigError naming the key."""
+        _check_types(self, prefix="")  # a RunConfig built in Python gets the checks a TOML file gets
         for key in ("clients", "rounds", "local_epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
@@ -367,6 +368,19 @@ def _build(cls: type, data: typing.Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(prefix + key, value, hint_type)
     return cls(**kwargs)
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Check every field of the dataclass ``obj`` (and its nested tables) as ``_build`` checks TOML values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(prefix + f.name, f"must be a {hint.__name__}, got {type(value).__name__} {value!r}")
+            _check_types(value, prefix=f"{prefix}{f.name}.")
+        else:
+            _coerce(prefix + f.name, value, hint)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedweights.config import RunConfig, from_dict, load_config
+from fedweights.config import DPConfig, RunConfig, from_dict, load_config
 from fedweights.errors import ConfigError, UserError
 
 
@@ -58,6 +58,22 @@ def test_bad_values_name_the_key(tmp_path, text, key, fragment):
     assert err.value.key == key
     assert fragment in str(err.value)
     assert f"'{key}'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "fragment"),
+    [
+        ({"dataset": "fashion_mnist"}, "dataset", "must be one of 'digits', 'fashion-mnist'"),  # was: trained on digits
+        ({"lr": "0.1"}, "lr", "must be of type float"),
+        ({"clients": True}, "clients", "must be of type int"),
+        ({"dp": DPConfig(accountant="prv")}, "dp.accountant", "must be one of 'pld', 'rdp'"),
+        ({"dp": {"enabled": True}}, "dp", "must be a DPConfig"),
+    ],
+)
+def test_a_config_built_in_python_gets_the_same_checks_as_a_file(kwargs, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**kwargs).validate()  # what simulate() and the server call first
+    assert err.value.key == key and fragment in str(err.value)
 
 
 def test_missing_or_broken_file_is_a_user_error(tmp_path):
