@@ -26,6 +26,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 
 MAX_ROUND_RETRIES = 100
+DEFAULT_LR = {"digits": 0.1, "fashion-mnist": 0.02}
+"""Local learning rate when ``lr`` is not set, per built-in dataset (0.1 diverges on Fashion-MNIST's
+784 inputs with momentum 0.9: 0.10 accuracy after 2 rounds; 0.02 gives 0.84)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ class RunConfig:
     rounds: int = 5
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 0.1
+    lr: float | None = None  # None: DEFAULT_LR of the dataset (0.1 for a custom task)
     momentum: float = 0.9
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = 0.5
@@ -229,6 +232,10 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     user_dp: UserDPConfig = field(default_factory=UserDPConfig)
+
+    def __post_init__(self) -> None:
+        if self.lr is None:  # resolved once, so every reader, report and checkpoint sees the rate used
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.dataset, 0.1) if self.task is None else 0.1)
 
     def validate(self) -> None:
         """Check types, choices, ranges and cross-field rules; raise ConfigError naming the key."""

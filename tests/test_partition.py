@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedweights.config import RunConfig
+from fedweights.config import DEFAULT_LR, RunConfig
 from fedweights.data import dirichlet_partition, iid_partition, labels_of, load_digits_split
 from fedweights.data.datasets import FASHION_MNIST_DIR
 from fedweights.errors import ConfigError
+from fedweights.flower.round_loop import run_federation
+from fedweights.flower.runtime import Runtime
+from fedweights.progress import RichReporter
 from fedweights.task import builtin_task
+
+from .local_grid import LocalGrid, node_configs
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +89,13 @@ def test_task_client_data_shards_train_and_test():
     assert not (test_ids[0] & test_ids[1]) and not (test_ids[1] & test_ids[2])
 
 
-@pytest.mark.skipif(
+needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
 )
+
+
+@needs_fashion_mnist
 def test_fashion_mnist_reads_debian_idx_files():
     from fedweights.data import load_fashion_mnist
 
@@ -95,6 +103,23 @@ def test_fashion_mnist_reads_debian_idx_files():
     assert len(train) == 60000 and len(test) == 10000
     assert train.tensors[0].shape[1] == 784 and float(train.tensors[0].max()) <= 1.0
     assert sorted(np.unique(labels_of(test)).tolist()) == list(range(10))
+
+
+def test_the_default_learning_rate_is_the_datasets_and_a_set_one_wins():
+    assert [RunConfig(dataset=d).lr for d in ("digits", "fashion-mnist")] == [DEFAULT_LR["digits"], DEFAULT_LR["fashion-mnist"]]
+    assert RunConfig(dataset="fashion-mnist", lr=0.3).lr == 0.3
+    assert RunConfig(task="my.module:make_task").lr == 0.1
+    flat = RunConfig(dataset="fashion-mnist").to_flat()  # what clients receive as Flower's run config
+    assert flat["lr"] == DEFAULT_LR["fashion-mnist"] and RunConfig.from_flat(flat).lr == DEFAULT_LR["fashion-mnist"]
+
+
+@needs_fashion_mnist
+@pytest.mark.usefixtures("serverapp_process")
+def test_fashion_mnist_federation_learns_with_the_default_settings(tmp_path):
+    """With digits' learning rate (0.1, momentum 0.9) the 784-input MLP diverged: 0.14 accuracy."""
+    config = RunConfig(dataset="fashion-mnist", clients=4, rounds=1, out=str(tmp_path / "run"))
+    result = run_federation(LocalGrid(Runtime(config), node_configs(4)), Runtime(config), reporter=RichReporter())
+    assert result.final_accuracy > 0.75
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
