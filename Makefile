@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-fast bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The pinned CPU wheel first: an unpinned torch could pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# The pinned torch first: an unpinned one could pull a multi-GB CUDA build. TORCH_INDEX (e.g.
+	# https://download.pytorch.org/whl/cpu) picks where it comes from; empty: pip's configured sources.
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

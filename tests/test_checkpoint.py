@@ -348,13 +348,23 @@ def test_a_run_whose_strategy_state_cannot_be_captured_refuses_to_resume(tmp_pat
         federate(resume_config(config.out, {"rounds": 2}))
 
 
-def test_a_new_run_in_an_old_run_directory_archives_its_checkpoint(tmp_path):
-    first = federate(fedavgm(tmp_path / "run", rounds=1))
+def test_a_new_run_in_an_old_run_directory_archives_all_its_results(tmp_path):
+    first = federate(fedavgm(tmp_path / "run", rounds=1, dp=DPConfig(enabled=True, noise_multiplier=1.0)))
     old_id = first.read_metrics()["run_id"]
+    (first.path / "published.json").write_text('{"versions": ["digits/sim:1"]}')  # as `--publish` leaves it
+    old_files = {p.name: p.read_bytes() for p in first.path.iterdir() if p.is_file() and p.name != ".lock"}
+    assert {"metrics.json", "model.safetensors", "privacy-ledger.jsonl", "privacy.json", "report.html"} <= set(old_files)
+
     second = federate(fedavgm(tmp_path / "run", rounds=1))
-    (archived,) = (second.path / "archive").glob(f"{old_id}-checkpoint-*")
+    (archived,) = (second.path / "archive").iterdir()
+    assert archived.name.startswith(f"{old_id}-")
+    assert {name: (archived / name).read_bytes() for name in old_files} == old_files  # moved whole, unchanged
+    assert json.loads((archived / "checkpoint" / "manifest.json").read_text())["run_id"] == old_id
     assert load_checkpoint(second.path).run_id == second.read_metrics()["run_id"] != old_id
-    assert json.loads((archived / "manifest.json").read_text())["run_id"] == old_id
+    assert not (second.path / "published.json").exists() and not (second.path / "privacy.json").exists()
+
+    third = federate(resume_config(second.path, {"rounds": 2}))  # a resume archives nothing
+    assert len(list((third.path / "archive").iterdir())) == 1 and third.read_metrics()["run_id"] == second.read_metrics()["run_id"]
 
 
 WRITER_SCRIPT = """

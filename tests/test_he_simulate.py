@@ -80,6 +80,22 @@ def test_simulate_he_matches_plaintext_accuracy_and_writes_encrypted_model(cli, 
     plain = load_file(str(tmp_path / "no-he" / "model.safetensors"))
     assert max(float((plain[k] - saved[k]).abs().max()) for k in saved) < 1e-4
 
+    # a refused --he run in that directory writes nothing: no key of the finished run is replaced
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    refused = cli("simulate", "--he", "--strategy", "median", "--clients", "2", "--rounds", "1", "--out", str(run))
+    assert refused.returncode == 2 and "not linear" in refused.stdout + refused.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    # a new --he run there archives the earlier results with their key: the old model still decrypts
+    again = cli("simulate", "--he", "--clients", "2", "--rounds", "1", "--out", str(run))
+    assert again.returncode == 0, again.stderr[-3000:]
+    (archived,) = (run / "archive").iterdir()
+    assert (archived / "keys" / "secret.ctx").read_bytes() == files[key] != key.read_bytes()
+    result = cli("decrypt", str(archived / "model.he"), "--he-key", str(archived / "keys" / "secret.ctx"),
+                 "--out", str(tmp_path / "old.safetensors"))
+    assert result.returncode == 0, result.stderr
+    old = load_file(str(tmp_path / "old.safetensors"))
+    assert all((old[k] == saved[k]).all() for k in saved)
+
 
 @pytest.mark.slow
 def test_bench_he_compares_both_setups(cli, tmp_path):

@@ -165,22 +165,6 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         raise CheckpointError(f"{damaged}: {type(exc).__name__}: {exc}") from None
 
 
-def archive_checkpoint(run_dir: str | Path) -> Path | None:
-    """Move another run's checkpoint out of the way (to ``archive/<its run id>-checkpoint-<time>/``)
-    when a new run starts in ``run_dir``; nothing is deleted. Return where it went, if anywhere."""
-    root = checkpoint_dir(run_dir)
-    if not root.exists():
-        return None
-    try:
-        old_run = str(json.loads((root / MANIFEST_FILE).read_text())["run_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        old_run = "unknown"
-    target = Path(run_dir) / "archive" / f"{old_run}-checkpoint-{int(time.time())}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    root.replace(target)
-    return target
-
-
 class CheckpointHooks(RoundHooks):
     """Writes a checkpoint after every completed round (on in every run)."""
 

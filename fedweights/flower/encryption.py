@@ -125,6 +125,14 @@ def prepare_simulation_keys(config: RunConfig, run_dir: Path) -> RunConfig:
     return dataclasses.replace(config, he=dataclasses.replace(config.he, key=secret, server_key=server))
 
 
+def own_keys(config: RunConfig, run_dir: Path) -> tuple[str, ...]:
+    """``(KEYS_DIR,)`` when this run's HE keys live in ``RUN/keys/`` (``simulate --he`` made them
+    there just before), else ``()``: what a new run keeps when it archives an earlier run's results."""
+    keys = (Path(run_dir) / KEYS_DIR).resolve()
+    paths = [Path(p).resolve() for p in (config.he.key, config.he.server_key) if p]
+    return (KEYS_DIR,) if any(keys in p.parents for p in paths) else ()
+
+
 def save_encrypted_model(run_dir: RunDir, arrays: ArrayRecord) -> Path:
     """The coordinator's final step under ``--he``: keep the encrypted global model as ``model.he``."""
     return save_envelope(run_dir.path / ENCRYPTED_MODEL_FILE, arrays)

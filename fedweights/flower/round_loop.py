@@ -22,10 +22,11 @@ from flwr.serverapp import Grid
 
 from ..errors import RunFailed
 from ..progress import RichReporter
+from ..run_archive import announce_archive, archive_previous_run
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..run_lock import RunLock
 from ..strategies import build_strategy, rejected_updates
-from .encryption import is_encrypted, save_encrypted_model
+from .encryption import is_encrypted, own_keys, save_encrypted_model
 from .node_wait import BoundedNodeWait, NodeWaitTimeout
 from .runtime import RUN_ID_KEY, Runtime
 
@@ -106,7 +107,7 @@ def run_federation(
 
 
 def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichReporter, hooks: Iterable[RoundHooks]) -> RunResult:
-    from .checkpoint import CheckpointHooks, archive_checkpoint, resume_run
+    from .checkpoint import CheckpointHooks, resume_run
     from .strategy_state import StrategyState
 
     config = runtime.config
@@ -121,9 +122,7 @@ def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichRepor
         run_id, first_round, arrays, records = point.run_id, point.next_round, point.arrays, point.records
     else:
         run_id, first_round, arrays = uuid.uuid4().hex[:12], 1, ArrayRecord(model.state_dict())
-        archived = archive_checkpoint(run_dir.path)  # a new run in an old run's directory
-        if archived is not None:
-            reporter.console.print(f"[yellow]a new run: the previous run's checkpoint moved to {archived}[/yellow]")
+        announce_archive(reporter, archive_previous_run(run_dir.path, keep=own_keys(config, run_dir.path)))
         run_dir.start(config, run_id=run_id)
     hooks = [CheckpointHooks(run_dir, run_id, state), *build_hooks(runtime, run_dir), *hooks]
     grid = BoundedNodeWait(grid)

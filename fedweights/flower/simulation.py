@@ -12,9 +12,10 @@ from ..config import RunConfig
 from ..errors import RunFailed, UserError
 from ..progress import RichReporter
 from ..registry.publish import preflight as publish_preflight
+from ..run_archive import announce_archive, archive_previous_run
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..run_lock import RunLock
-from ..strategies import build_strategy
+from ..strategies import build_strategy, check_he_compatible
 from ..task import Task, save_task
 from ..training import select_device
 from .client_app import build_client_app
@@ -49,16 +50,22 @@ def simulate(
 
 
 def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: RichReporter | None, verbose: bool) -> RunResult:
-    config = prepare_simulation_keys(config, out)  # --he: a fresh key pair in RUN/keys/ unless he.key is given
     device = select_device(config.device)
+    check_he_compatible(config)  # --he with a strategy it cannot run: refused before any key is made
     task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
-    build_strategy(config)  # fail fast on an unknown or unloadable strategy
+    if not config.he.enabled:
+        build_strategy(config)  # fail fast on an unknown or unloadable strategy (--he: checked above)
     if config.dp.enabled:  # unreachable target ε, budget below one round: refuse before Ray starts
         from ..privacy.plan import check_dp_run
 
         check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
+    reporter = reporter or RichReporter()
+    if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
+        announce_archive(reporter, archive_previous_run(out))
+    config = prepare_simulation_keys(config, out)  # --he: a fresh key pair in RUN/keys/ unless he.key is given
+    runtime = Runtime(config, task_file)
 
     from flwr.simulation import run_simulation
 

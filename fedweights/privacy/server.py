@@ -9,13 +9,9 @@ plus this round's steps, so a client that lost its accountant state is never und
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -24,7 +20,7 @@ from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
 from ..run_dir import RoundRecord, RunDir
 from .accounting import Entry, as_entries, covering_history, epsilon
-from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
+from .ledger import Ledger, as_epsilon, format_epsilon
 from .protocol import (
     BUDGET_EXHAUSTED,
     LEDGER_ACCOUNT,
@@ -33,31 +29,10 @@ from .protocol import (
     ledger_account_record,
     parse_exhausted_reason,
 )
-from .report import PRIVACY_FILE, REPORT_FILE, write_privacy_json, write_reports
+from .report import write_privacy_json, write_reports
 
 log = logging.getLogger("fedweights.privacy")
 BUDGET_RTOL = 1e-6  # clients check the same ε computation against the budget: allow float noise only
-
-
-def archive_other_run(run_dir: Path, run_id: str) -> Path | None:
-    """Move another run's ledger and reports out of the way (to ``archive/<its run id>/``) when a
-    new run reuses ``run_dir``; nothing is deleted. Return the archive folder, if any."""
-    ledger = Ledger(run_dir)
-    if not ledger.path.exists():
-        return None
-    first = ledger.path.read_bytes().split(b"\n", 1)[0]
-    try:
-        old_run = str(json.loads(first).get("run") or "unknown")
-    except ValueError:
-        old_run = "unknown"
-    if old_run == run_id:
-        return None
-    target = run_dir / "archive" / f"{old_run}-{int(time.time())}"
-    target.mkdir(parents=True)
-    for name in (LEDGER_FILE, PRIVACY_FILE, REPORT_FILE):
-        if (run_dir / name).exists():
-            os.replace(run_dir / name, target / name)
-    return target
 
 
 class PrivacyHooks(RoundHooks):
@@ -67,7 +42,6 @@ class PrivacyHooks(RoundHooks):
         self.config = runtime.config
         self.run_path = run_dir.path
         self.run_id = str(run_dir.read_metrics().get("run_id", ""))
-        archive_other_run(run_dir.path, self.run_id)
         self.ledger = Ledger(run_dir.path)
         self.histories: dict[str, list[Entry]] = {}
         self.last: dict[str, dict[str, Any]] = {}  # latest ledger entry per client

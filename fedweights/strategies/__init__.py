@@ -39,6 +39,11 @@ def check_he_compatible(config: RunConfig) -> None:
         return
     from .encrypted import HE_STRATEGIES
 
+    if config.strategy.max_norm is not None:
+        raise ConfigError(
+            "strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he"
+        )
+
     name = config.strategy.name
     cls = strategy_class(name)
     if not is_linear(cls):

@@ -219,10 +219,6 @@ def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
 
     Needs ``he.server_key`` (the coordinator's server.ctx).
     """
-    if config.strategy.max_norm is not None:
-        raise ConfigError(
-            "strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he"
-        )
     if not config.he.server_key:
         raise ConfigError(
             "he.server_key",
