@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -240,6 +241,8 @@ class RunConfig:
     def validate(self) -> None:
         """Check types, choices, ranges and cross-field rules; raise ConfigError naming the key."""
         _check_types(self, prefix="")  # a RunConfig built in Python gets the checks a TOML file gets
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("seed", f"must be in 0..2**32-1 (numpy's seed range), got {self.seed}")
         for key in ("clients", "rounds", "local_epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
@@ -273,6 +276,7 @@ class RunConfig:
         self.strategy.validate(self.clients)
         self.attack.validate(self.clients)
         self.user_dp.validate(self.clients, self.strategy.name)
+        _check_switched_off(self)  # after the range checks, which name the actual problem first
 
     @property
     def wait_for_clients(self) -> int:
@@ -320,8 +324,31 @@ def load_config(path: str | Path | None = None, overrides: typing.Mapping[str, A
 
 
 def _positive(key: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ConfigError(key, f"must be > 0, got {value}")
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(key, f"must be > 0 and finite, got {value}")
+
+
+SWITCHES = {"dp": "--dp", "he": "--he", "user_dp": "--user-dp"}
+"""Config sections whose settings only apply when their ``enabled`` key (CLI flag) is on."""
+
+
+def _check_switched_off(config: RunConfig) -> None:
+    """A setting of a section that is off (DP, HE, user-level DP, attackers) would be silently
+    ignored, so a run the user believes private would not be: refuse it and say how to turn it on."""
+    for section, flag in SWITCHES.items():
+        table = getattr(config, section)
+        if not table.enabled:
+            for f in dataclasses.fields(table):
+                if f.name != "enabled" and getattr(table, f.name) != getattr(type(table)(), f.name):
+                    raise ConfigError(
+                        f"{section}.{f.name}",
+                        f"is set but {section}.enabled is false, so it would be ignored: add {flag} "
+                        f"([{section}] enabled = true in TOML) or remove the setting",
+                    )
+    if config.attack.malicious == 0:
+        for name in ("kind", "scale"):
+            if getattr(config.attack, name) != getattr(AttackConfig(), name):
+                raise ConfigError(f"attack.{name}", "is set but attack.malicious is 0 (no attackers): set --malicious K or remove it")
 
 
 def _norm(key: str) -> str:

@@ -50,6 +50,15 @@ def test_toml_values_and_cli_overrides_win(tmp_path):
         ("[dp]\nmax_grad_norm = -1\n", "dp.max_grad_norm", "must be > 0"),
         ("[dp]\nnoise_multiplier = 1.0\ntarget_epsilon = 2.0\n", "dp.target_epsilon", "exclusive"),
         ('task = "no_colon"\n', "task", "package.module:function"),
+        # a setting of a section that is off would be silently ignored: a run believed private would not be
+        ("[dp]\nnoise_multiplier = 1\n", "dp.noise_multiplier", "dp.enabled is false, so it would be ignored: add --dp"),
+        ("[user_dp]\nclients_per_round = 1\n", "user_dp.clients_per_round", "add --user-dp"),
+        ('[he]\nkey = "keys/secret.ctx"\n', "he.key", "add --he"),
+        ("[attack]\nscale = 3.0\n", "attack.scale", "attack.malicious is 0"),
+        ("[dp]\nenabled = true\ntarget_epsilon = inf\n", "dp.target_epsilon", "must be > 0 and finite"),
+        ("lr = inf\n", "lr", "must be > 0 and finite"),
+        ("round_timeout = inf\n", "round_timeout", "must be > 0 and finite"),
+        ("seed = -1\n", "seed", "0..2**32-1"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key, fragment):

@@ -17,7 +17,6 @@ from typing import Any, Optional
 import typer
 
 from ..config import RunConfig, load_config
-from ..errors import UserError
 from .app import given
 
 
@@ -104,10 +103,5 @@ def run_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]
 
 
 def build_run_config(config_file: Path | None, overrides: Mapping[str, Any]) -> RunConfig:
-    """The TOML file (if any) with the CLI overrides on top, refusing DP options without --dp."""
-    run_config = load_config(config_file, overrides)
-    dp_options = [k for k in overrides if k.startswith("dp.") and k != "dp.enabled"]
-    if dp_options and not run_config.dp.enabled:
-        names = ", ".join("--" + k.removeprefix("dp.").replace("_", "-") for k in dp_options)
-        raise UserError(f"{names} only apply to DP runs: add --dp (or dp.enabled = true in the config)")
-    return run_config
+    """The TOML file (if any) with the CLI overrides on top (validated: e.g. DP options without --dp are refused)."""
+    return load_config(config_file, overrides)
