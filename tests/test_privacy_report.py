@@ -9,7 +9,7 @@ import pytest
 
 from fedweights.config import DPConfig, RunConfig
 from fedweights.privacy.accounting import calibrate_noise, epsilon
-from fedweights.privacy.ledger import Ledger
+from fedweights.privacy.ledger import LEDGER_FILE, Ledger
 from fedweights.privacy.report import write_reports
 from fedweights.run_dir import RoundRecord, RunDir
 
@@ -86,6 +86,30 @@ def test_report_cli_prints_the_table_and_refuses_a_run_without_dp(cli, dp_run, t
     RunDir(plain).start(RunConfig(), "r2")
     code, out, err = cli("report", str(plain))
     assert code == 2 and "has no privacy ledger" in err
+
+
+def test_report_refuses_a_ledger_whose_last_line_was_edited_or_dropped(cli, dp_run):
+    """The hash chain protects every line but the last; privacy.json's seal and the last line's
+    own history cover that one, so a lowered or removed final spend is never reported."""
+    path = dp_run / LEDGER_FILE
+    lines = path.read_bytes().splitlines(keepends=True)
+    code, _, err = cli("report", str(dp_run))  # privacy.json now seals the ledger's 6 lines
+    assert code == 0, err
+    path.write_bytes(b"".join(lines[:-1]))  # the final line dropped
+    code, _, err = cli("report", str(dp_run))
+    assert code == 2 and "no longer holds the 6 line(s) that privacy.json sealed" in err
+
+    (dp_run / "privacy.json").unlink()  # no seal: the last line's own history still gives it away
+    last = json.loads(lines[-2])
+    edited = lines[-2].replace(json.dumps(last["epsilon"]).encode(), b"0.01")
+    path.write_bytes(b"".join(lines[:-2]) + edited)
+    code, _, err = cli("report", str(dp_run))
+    assert code == 2 and "line 5: epsilon 0.01 is below" in err and "was edited" in err
+
+    path.write_bytes(b"".join(lines))  # the intact ledger, which a later round may extend
+    assert cli("report", str(dp_run))[0] == 0
+    Ledger(dp_run).append([trained(4, "0", 23 * 4)])
+    assert cli("report", str(dp_run))[0] == 0
 
 
 def test_privacy_plan_cli_uses_the_run_accounting(cli):

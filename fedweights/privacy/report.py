@@ -46,7 +46,7 @@ from rich.table import Table
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..run_dir import METRICS_FILE
-from .ledger import LEDGER_FILE, Ledger, as_epsilon, format_epsilon
+from .ledger import LEDGER_FILE, Ledger, LedgerError, as_epsilon, format_epsilon
 from .user_level_report import USER_PRIVACY_FILE
 
 PRIVACY_FILE = "privacy.json"
@@ -69,6 +69,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
                 "was the run made with --dp or --user-dp?"
             )
         return _user_only_summary(metrics, user_file)
+    _check_ledger_tail(run_dir, ledger, entries)
     config = metrics.get("config", {})
     dp = config.get("dp", {})
     clients: dict[str, dict[str, Any]] = {}
@@ -104,6 +105,34 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         summary["user_level"] = user_file["user_level"]
         summary["guarantee"] += " " + user_guarantee_text(user_file)
     return summary
+
+
+def _check_ledger_tail(run_dir: Path, ledger: Ledger, entries: list[dict[str, Any]]) -> None:
+    """What the hash chain cannot show: an edited or dropped line at the ledger's end. The last
+    line's ε must be at least what its own (σ, q, steps) history gives, and the ledger must still
+    hold the line that privacy.json, as last written, sealed (its line count and sha256)."""
+    from .accounting import as_entries, epsilon
+
+    last = entries[-1]
+    if last.get("history") and last.get("delta") and as_epsilon(last.get("epsilon")) != math.inf:
+        recomputed = epsilon(as_entries(last["history"]), float(last["delta"]), last.get("accountant") or "pld")
+        if as_epsilon(last["epsilon"]) < recomputed * (1 - 1e-9):
+            raise LedgerError(
+                f"{ledger.path}, line {len(entries)}: epsilon {last['epsilon']} is below the {recomputed:.6g} its own "
+                "(σ, q, steps) history gives: the line was edited; the ledger cannot be trusted"
+            )
+    try:
+        sealed = json.loads((run_dir / PRIVACY_FILE).read_text())["ledger"]
+        count, digest = int(sealed["entries"]), str(sealed["last_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no earlier report of this run (a new run archives the previous run's report)
+    lines = ledger.path.read_bytes().splitlines()
+    if len(lines) < count or hashlib.sha256(lines[count - 1]).hexdigest() != digest:
+        raise LedgerError(
+            f"{ledger.path} no longer holds the {count} line(s) that {PRIVACY_FILE} sealed when the run wrote it "
+            f"(it has {len(lines)}; line {count} {'is missing' if len(lines) < count else 'differs'}): lines were "
+            "dropped or edited; the ledger cannot be trusted"
+        )
 
 
 def read_user_privacy(run_dir: Path) -> dict[str, Any] | None:
