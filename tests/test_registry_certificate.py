@@ -8,9 +8,11 @@ import dataclasses
 import json
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from fedweights.config import DPConfig, RunConfig
 from fedweights.errors import UserError
+from fedweights.flower.encryption import decryption_metadata
 from fedweights.proto import registry_pb2 as pb
 from fedweights.registry.certificate import certificate_for_run, describe_guarantee, run_info
 
@@ -100,3 +102,22 @@ def test_push_from_run_puts_run_and_certificate_in_the_manifest(client, tmp_path
         run_info(make_run(tmp_path / "failed", status="failed"))
     with pytest.raises(UserError, match="not a fedweights run directory"):
         client.push(run / "model.safetensors", "private", from_run=tmp_path)
+
+
+def test_push_from_run_refuses_a_file_that_is_not_the_runs_model(client, tmp_path):
+    """A certificate describes one run's model: another model (say a non-DP one) must not wear it."""
+    run = make_run(tmp_path / "run", report=REPORT)
+    save_model(run / "model.safetensors", seed=0)
+    other = tmp_path / "other.safetensors"
+    save_model(other, seed=1)
+    with pytest.raises(UserError, match="is not the model run .* produced"):
+        client.push(other, "private", from_run=run)
+    assert client.list() == []  # nothing published
+
+    encrypted = make_run(tmp_path / "he-run", report=REPORT)  # the coordinator kept only model.he
+    (encrypted / "model.he").write_bytes(b"ciphertexts")
+    with pytest.raises(UserError, match="is not a decryption of"):
+        client.push(other, "private", from_run=encrypted)
+    decrypted = tmp_path / "decrypted.safetensors"  # as `fedweights decrypt` writes it
+    save_file(load_file(str(other)), str(decrypted), metadata=decryption_metadata(encrypted / "model.he"))
+    assert client.push(decrypted, "private", from_run=encrypted).privacy.record_epsilon == 2.4

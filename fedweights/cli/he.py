@@ -49,13 +49,13 @@ def decrypt(
     """Decrypt an encrypted global model with a client's secret key."""
     from safetensors.torch import save_file
 
-    from ..flower.encryption import decrypt_model_file
+    from ..flower.encryption import decrypt_model_file, decryption_metadata
 
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     state = decrypt_model_file(model, he_key)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"decrypted_from": str(model)})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=decryption_metadata(model))
     console.print(f"decrypted {len(state)} tensors → [bold]{out}[/bold]")
 
 

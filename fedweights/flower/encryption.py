@@ -151,6 +151,17 @@ def decrypt_model_file(
         raise UserError(f"cannot decrypt {path}: {exc}") from None
 
 
+DECRYPTED_SHA256 = "decrypted_from_sha256"
+"""Safetensors metadata key of a decrypted model: the sha256 of the model.he it came from, so a
+registry push with ``--from-run`` can check the file is that run's model."""
+
+
+def decryption_metadata(encrypted: str | Path) -> dict[str, str]:
+    """Metadata for the safetensors file a decryption of ``encrypted`` is written to."""
+    digest = hashlib.sha256(Path(encrypted).read_bytes()).hexdigest()
+    return {"decrypted_from": Path(encrypted).name, DECRYPTED_SHA256: digest}
+
+
 def write_decrypted_model(run_dir: RunDir, config: RunConfig, model: torch.nn.Module) -> Path | None:
     """``simulate --he``: decrypt ``RUN/model.he`` with the run's secret key into ``model.safetensors``.
 
@@ -161,7 +172,7 @@ def write_decrypted_model(run_dir: RunDir, config: RunConfig, model: torch.nn.Mo
         return None
     state = decrypt_model_file(run_dir.path / ENCRYPTED_MODEL_FILE, config.he.key, model)
     model.load_state_dict(state)
-    metadata = {"rounds": str(config.rounds), "format": "pt", "decrypted_from": ENCRYPTED_MODEL_FILE}
+    metadata = {"rounds": str(config.rounds), "format": "pt", **decryption_metadata(run_dir.path / ENCRYPTED_MODEL_FILE)}
     return run_dir.save_model(model.state_dict(), metadata)
 
 

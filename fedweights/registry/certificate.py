@@ -53,6 +53,42 @@ def run_info(run_dir: str | Path) -> tuple[str, int, dict[str, Any]]:
     return str(metrics.get("run_id", "")), max(rounds, default=0), metrics
 
 
+def check_run_model(path: str | Path, run_dir: str | Path) -> None:
+    """Refuse to certify ``path`` with ``run_dir``'s lineage and privacy unless it is that run's
+    final model: the same tensors as ``RUN/model.safetensors``, or, where the coordinator kept only
+    ``model.he``, a file ``fedweights decrypt`` made from that very ``model.he``."""
+    import hashlib
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from ..flower.encryption import DECRYPTED_SHA256, ENCRYPTED_MODEL_FILE
+    from ..run_dir import MODEL_FILE
+
+    run_dir = Path(run_dir)
+    plain, encrypted = run_dir / MODEL_FILE, run_dir / ENCRYPTED_MODEL_FILE
+    hint = "push the run's own model, or push without --from-run (no run lineage or privacy certificate)"
+    try:
+        if plain.is_file():
+            ours, theirs = load_file(str(path)), load_file(str(plain))
+            if ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours):
+                return
+            raise UserError(f"{path} is not the model run {run_dir} produced (its tensors differ from {plain}): {hint}")
+        if encrypted.is_file():
+            with safe_open(str(path), framework="pt") as fh:
+                source = (fh.metadata() or {}).get(DECRYPTED_SHA256)
+            if source == hashlib.sha256(encrypted.read_bytes()).hexdigest():
+                return
+            raise UserError(
+                f"{path} is not a decryption of {encrypted} (make one with `fedweights decrypt {encrypted} --he-key "
+                f"secret.ctx --out FILE` and push FILE): {hint}"
+            )
+    except SafetensorError as exc:
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
+    raise UserError(f"{run_dir} holds no final model ({MODEL_FILE} or {ENCRYPTED_MODEL_FILE}) to check {path} against")
+
+
 def certificate_for_run(run_dir: str | Path, round_: int, final: bool, metrics: dict | None = None) -> pb.PrivacyCertificate:
     """The certificate of the model a run produced after ``round_`` (``final``: its last round)."""
     run_dir = Path(run_dir)

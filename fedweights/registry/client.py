@@ -28,7 +28,7 @@ from ..fileio import atomic_open
 from ..proto import registry_pb2 as pb
 from ..proto import registry_pb2_grpc as pb_grpc
 from .auth import channel_credentials, read_token
-from .certificate import certificate_for_run, run_info, unknown_certificate
+from .certificate import certificate_for_run, check_run_model, run_info, unknown_certificate
 from .diff import TensorChange, diff_files
 from .manifest import IntegrityError, Ref, check_chain, check_name, check_tag, decode, parse_ref, payload_mismatches
 from .payload import CHUNK_SIZE, PayloadError, PayloadHasher, digest_file, iter_file
@@ -131,6 +131,7 @@ class Client:
             raise UserError(f"file not found: {path}")
         if from_run is not None:
             run_id, round, metrics = run_info(from_run)
+            check_run_model(path, from_run)  # the certificate must describe this file, not another model
             privacy = certificate_for_run(from_run, round, final=True, metrics=metrics)
         header = pb.PublishHeader(
             name=name, tags=tags, run_id=run_id, round=round, privacy=privacy or unknown_certificate()
