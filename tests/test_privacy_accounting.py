@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import dp_accounting
 import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedweights.errors import UserError
-from fedweights.privacy.accounting import calibrate_noise, covering_history, default_delta, epsilon
+from fedweights.privacy.accounting import (
+    PLD_EPSILON_CEILING,
+    calibrate_noise,
+    covering_history,
+    default_delta,
+    epsilon,
+    steps_for_epochs,
+)
 
 
 def reference(history, delta, accountant_cls):
@@ -88,3 +97,17 @@ def test_default_delta_is_one_over_n_squared_rounded_down_capped_at_1e_5(n, delt
 def test_bad_accounting_input_is_refused(history, delta, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         epsilon(history, delta)
+
+
+def test_without_meaningful_protection_pld_reports_the_rdp_upper_bound_quickly():
+    """σ = 0.03 made dp-accounting's PLD run for minutes and need gigabytes; above ε = 50 the
+    (never lower) RDP bound is reported instead, and calibration stays on the same footing."""
+    weak = [(0.03, 0.0222, 45)]
+    rdp = epsilon(weak, 1e-6, "rdp")
+    assert epsilon(weak, 1e-6, "pld") == pytest.approx(rdp) and rdp > PLD_EPSILON_CEILING
+    sigma = calibrate_noise(60.0, 0.0222, 45, 1e-6, "pld")
+    assert epsilon([(sigma, 0.0222, 45)], 1e-6, "pld") <= 60.0
+    for bad in (lambda: calibrate_noise(math.inf, 0.0222, 45, 1e-6), lambda: steps_for_epochs(0.0222, math.inf),
+                lambda: epsilon([(1e300, 0.0222, 45)], 1e-6)):
+        with pytest.raises(UserError):
+            bad()

@@ -10,7 +10,15 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from ..privacy.accounting import calibrate_noise, check_accountant, check_delta, check_entry, epsilon, steps_for_epochs
+from ..privacy.accounting import (
+    PLD_EPSILON_CEILING,
+    calibrate_noise,
+    check_accountant,
+    check_delta,
+    check_entry,
+    epsilon,
+    steps_for_epochs,
+)
 from ..privacy.ledger import format_epsilon
 from .app import console, privacy_app
 
@@ -64,9 +72,15 @@ def plan_command(
     }
     _show_plan(
         result, target_epsilon, as_json, "epsilon",
-        f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({accountant}) for {total_steps} steps "
+        f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({_label(accountant, spent)}) for {total_steps} steps "
         f"at sample rate {sample_rate:.6g} with noise multiplier {noise_multiplier:.6g}",
     )
+
+
+def _label(accountant: str, spent: float) -> str:
+    if accountant == "pld" and spent > PLD_EPSILON_CEILING * (1 + 1e-6):
+        return f"pld; the RDP upper bound, as PLD is not computed above epsilon {PLD_EPSILON_CEILING:g}: no meaningful protection"
+    return accountant
 
 
 def _plan_user_level(population, clients_per_round, rounds, noise_multiplier, target_epsilon, delta, accountant,

@@ -7,6 +7,8 @@ accountants keep. Every ε that fedweights reports, plans or enforces comes from
 * ``pld`` (default): privacy-loss distributions, ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``
   self-composed ``steps`` times, pessimistic estimate, value discretization 1e-4 — the same
   numbers as ``dp_accounting.pld.PLDAccountant`` (tight: within discretization of the truth).
+  Where RDP already gives ε > 50 (``PLD_EPSILON_CEILING``: σ of a few tenths or less, or a huge
+  number of steps) the RDP bound is reported: an upper bound, so never an under-report.
 * ``rdp``: Rényi DP (``dp_accounting.rdp.RdpAccountant``), looser, kept for comparison with
   papers and Opacus' default.
 
@@ -38,6 +40,9 @@ def as_entries(rows: Iterable[Sequence[float]]) -> list[Entry]:
     return [(float(s), float(q), int(n)) for s, q, n in rows]
 
 PLD_DISCRETIZATION = 1e-4  # dp-accounting's PLDAccountant default
+PLD_EPSILON_CEILING = 50.0
+"""Above this RDP ε (no meaningful protection: tiny σ, or a huge number of steps) ``pld`` reports the
+RDP bound instead: never lower than the truth, while PLD there takes minutes and gigabytes."""
 MAX_NOISE_MULTIPLIER = 1_000.0  # calibration gives up above this (the target is then unreachable)
 DEFAULT_MAX_DELTA = 1e-5
 # Equivalent compositions (one entry of 400 steps, or 300 + 100) differ in the last digits of
@@ -72,8 +77,8 @@ def merge_history(history: Iterable[Sequence[float]]) -> list[Entry]:
 
 def check_entry(noise_multiplier: float, sample_rate: float, steps: float) -> None:
     """Raise UserError unless σ > 0, 0 < q ≤ 1 and steps is a non-negative integer."""
-    if not noise_multiplier > 0 or not math.isfinite(noise_multiplier):
-        raise UserError(f"noise multiplier must be > 0, got {noise_multiplier}")
+    if not 0 < noise_multiplier <= MAX_NOISE_MULTIPLIER:
+        raise UserError(f"noise multiplier must be > 0 and at most {MAX_NOISE_MULTIPLIER:g}, got {noise_multiplier}")
     if not 0 < sample_rate <= 1:
         raise UserError(f"sample rate must be in (0, 1], got {sample_rate}")
     if steps < 0 or int(steps) != steps:
@@ -113,14 +118,16 @@ def covering_history(*histories: Iterable[Sequence[float]]) -> list[Entry]:
 def _epsilon_of(entries: tuple[Entry, ...], delta: float, accountant: str) -> float:
     if not entries:
         return 0.0
-    value = _rdp_epsilon(entries, delta) if accountant == "rdp" else _pld_epsilon(entries, delta)
+    value = _rdp_epsilon(entries, delta)
+    if accountant == "pld" and value <= PLD_EPSILON_CEILING:
+        value = _pld_epsilon(entries, delta)
     return value * (1 + ROUNDING_MARGIN)
 
 
 def steps_for_epochs(sample_rate: float, epochs: float) -> int:
     """Steps of ``epochs`` passes at sample rate q (one pass is 1/q steps, rounded up)."""
-    if not epochs > 0:
-        raise UserError(f"epochs must be > 0, got {epochs}")
+    if not (epochs > 0 and math.isfinite(epochs)):
+        raise UserError(f"epochs must be > 0 and finite, got {epochs}")
     return max(1, math.ceil(epochs / sample_rate - 1e-9))
 
 
@@ -138,8 +145,8 @@ def calibrate_noise(
     The answer is checked with :func:`epsilon` itself, so it is guaranteed to meet the target
     under the accountant the run reports with. Raises UserError when no σ ≤ 1000 does.
     """
-    if not target_epsilon > 0:
-        raise UserError(f"target epsilon must be > 0, got {target_epsilon}")
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise UserError(f"target epsilon must be > 0 and finite, got {target_epsilon}")
     check_entry(1.0, sample_rate, steps)
     check_delta(delta)
     check_accountant(accountant)
@@ -158,8 +165,10 @@ def calibrate_noise(
             f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at sample rate {sample_rate:.4g} "
             f"(delta {delta:g}). Raise the target, or lower rounds, local epochs or the sample rate."
         )
-    if accountant == "rdp":  # cheap at any σ: search the whole range
-        return _smallest_root(gap, 0.1, MAX_NOISE_MULTIPLIER, rtol)
+    if accountant == "rdp" or target_epsilon > PLD_EPSILON_CEILING:  # cheap at any σ: search the whole range
+        # (above the ceiling `epsilon` reports the RDP bound, so the RDP answer is what meets the target)
+        return _smallest_root(lambda s: _rdp_epsilon([(s, sample_rate, steps)], delta) - target_epsilon,
+                              0.1, MAX_NOISE_MULTIPLIER, rtol)
     # PLD is slow at small σ, so bracket it tightly first: RDP over-reports ε, so it needs a bit
     # more noise than PLD (typically 3-8 %); a 10x coarser PLD grid then narrows it to ~1 %.
     upper = calibrate_noise(target_epsilon, sample_rate, steps, delta, "rdp", rtol=1e-2)
