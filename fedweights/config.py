@@ -252,7 +252,7 @@ class RunConfig:
         if not 0 <= self.round_retries <= MAX_ROUND_RETRIES:
             raise ConfigError("round_retries", f"must be between 0 and {MAX_ROUND_RETRIES}, got {self.round_retries}")
         if self.resume and not self.out:
-            raise ConfigError("resume", "needs out: the run directory to resume (e.g. `--resume runs/NAME`)")
+            raise ConfigError("resume", "needs out: the run directory to resume (`--out RUN` with resume = true; `fedweights server --resume RUN`)")
         if not 0 <= self.momentum < 1:
             raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
         for key in ("fraction_train", "fraction_evaluate"):
@@ -314,7 +314,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Mapping[str, A
             raise UserError(f"config file not found: {path}")
         try:
             data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path} is not valid TOML: {exc}") from None
     merged = _unflatten(_flatten(_normalise_keys(data)) | {_norm(k): v for k, v in (overrides or {}).items()})
     return from_dict(merged)

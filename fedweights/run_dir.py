@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
+from .errors import UserError
 from .fileio import atomic_write_json
 
 METRICS_FILE = "metrics.json"
@@ -104,8 +105,14 @@ class RunDir:
         self._write(data)
 
     def read_metrics(self) -> dict[str, Any]:
-        """metrics.json as a dict (NaN-safe: missing values are null)."""
-        return json.loads(self.metrics_path.read_text())
+        """metrics.json as a dict (NaN-safe: missing values are null); UserError when it is damaged."""
+        try:
+            data = json.loads(self.metrics_path.read_text())
+        except ValueError as exc:
+            raise UserError(f"{self.metrics_path} is damaged ({exc}); it was not written by fedweights as it is") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{self.metrics_path} is damaged (a JSON object was expected, got {type(data).__name__})")
+        return data
 
     def save_model(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
         """Write the global model as safetensors (written to a temporary file, then renamed)."""

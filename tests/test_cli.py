@@ -35,3 +35,17 @@ def test_help_lists_commands(cli):
     result = cli("--help")
     assert result.returncode == 0
     assert "simulate" in result.stdout
+
+
+def test_a_path_of_the_wrong_kind_or_a_damaged_run_file_is_one_line_not_a_traceback(cli_in_process, tmp_path):
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_text("")
+    code, _, err = cli_in_process("keys", "he", "--out", str(in_the_way))
+    assert code == 2 and "a file is in the way where a folder is needed" in err and "Traceback" not in err
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("")  # e.g. a disk that filled up under another tool
+    (run / "privacy-ledger.jsonl").write_text("")
+    code, _, err = cli_in_process("report", str(run))
+    assert code == 2 and "metrics.json is damaged" in err

@@ -14,6 +14,13 @@ from . import registry as _registry, weights as _weights  # noqa: F401 - `fedwei
 from .app import app, err_console
 
 
+PATH_HINTS = {
+    FileExistsError: "a file is in the way where a folder is needed; give another path",
+    NotADirectoryError: "a file is in the way where a folder is needed; give another path",
+    IsADirectoryError: "that is a folder; give a file path",
+}
+
+
 def main() -> None:
     """Entry point: run the CLI; user errors print one clear line and exit non-zero."""
     try:
@@ -21,6 +28,11 @@ def main() -> None:
     except UserError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # e.g. a file given where a folder belongs, or the other way round; a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = PATH_HINTS.get(type(exc), "check the path")
+        err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}{where} ({hint})", highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -45,7 +45,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json
-from ..run_dir import METRICS_FILE
+from ..run_dir import METRICS_FILE, RunDir
 from .ledger import LEDGER_FILE, Ledger, LedgerError, as_epsilon, format_epsilon
 from .user_level_report import USER_PRIVACY_FILE
 
@@ -60,8 +60,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     ledger = Ledger(run_dir)
     entries = ledger.read()
     user_file = read_user_privacy(run_dir)
-    metrics_path = run_dir / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = RunDir(run_dir).read_metrics() if (run_dir / METRICS_FILE).exists() else {}
     if not entries:
         if user_file is None:
             raise UserError(
