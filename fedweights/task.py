@@ -47,6 +47,21 @@ class Task:
     test_data: Dataset
     name: str = "custom"
 
+    def check(self) -> None:
+        """Raise UserError unless ``model_fn`` builds a module and both datasets have examples."""
+        if isinstance(self.model_fn, nn.Module) or not callable(self.model_fn):
+            raise UserError(
+                f"Task.model_fn must be a function that builds a new model (e.g. model_fn=MyNet or "
+                f"lambda: MyNet(64, 10)), got {type(self.model_fn).__name__}: a model instance would be shared by all clients"
+            )
+        model = self.model_fn()
+        if not isinstance(model, nn.Module):
+            raise UserError(f"Task.model_fn must return a torch.nn.Module, it returned {type(model).__name__}")
+        for name in ("train_data", "test_data"):
+            data = getattr(self, name)
+            if not hasattr(data, "__getitem__") or not hasattr(data, "__len__") or len(data) == 0:
+                raise UserError(f"Task.{name} must be a non-empty torch Dataset (e.g. a TensorDataset), got {type(data).__name__}")
+
     def client_data(self, partition_id: int, num_partitions: int, config: RunConfig) -> ClientData:
         """The train partition and test shard of client ``partition_id`` out of ``num_partitions``.
 

@@ -13,6 +13,7 @@ import pytest
 
 from fedweights.config import DPConfig, RunConfig
 from fedweights.data.node_data import load_node_data
+from fedweights.deploy.client import NodeSettings
 from fedweights.errors import UserError
 from fedweights.flower.round_loop import run_federation
 from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
@@ -64,6 +65,14 @@ def test_client_refuses_a_bad_file_before_it_connects(cli, tmp_path):
     assert result.returncode != 0
     assert "lacks y_train" in result.stdout + result.stderr
     assert "SuperNode connecting" not in result.stdout  # it never started one
+
+
+def test_a_node_gets_one_source_of_data_and_a_file_not_a_folder(tmp_path):
+    np.savez(tmp_path / "good.npz", **GOOD)
+    with pytest.raises(UserError, match="not both"):
+        NodeSettings(partition="0/2", data=tmp_path / "good.npz").node_config("n1")
+    with pytest.raises(UserError, match="is a folder, not a .npz file"):
+        NodeSettings(data=tmp_path).node_config("n1")
 
 
 @pytest.mark.usefixtures("serverapp_process")

@@ -128,3 +128,22 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
 
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
+
+
+def test_simulate_refuses_the_wrong_arguments_before_anything_starts(tmp_path):
+    from fedweights import simulate
+    from fedweights.errors import UserError
+    from fedweights.task import Task
+
+    task = builtin_task(RunConfig())
+    config = RunConfig(out=str(tmp_path / "run"))
+    cases = [
+        ((config.to_flat(),), "takes a RunConfig"),
+        ((config, "my_module:task"), "takes a fedweights Task"),
+        ((config, Task(task.model_fn(), task.train_data, task.test_data)), "a model instance would be shared"),  # MyNet()
+        ((config, Task(lambda: None, task.train_data, task.test_data)), "must return a torch.nn.Module"),
+    ]
+    for args, fragment in cases:
+        with pytest.raises(UserError, match=fragment):
+            simulate(*args)
+    assert not (tmp_path / "run").exists()

@@ -102,3 +102,10 @@ def test_large_model_streams_in_chunks_with_bounded_memory(served, tmp_path):
     assert len(version.manifest.tensors) == 4 and size_mib > 100
     for step, by_pid in growth.items():  # peak resident growth stays far below the model size
         assert by_pid[me] < 40 and by_pid[server] < 40, (step, by_pid, size_mib)
+
+
+def test_serve_refuses_a_port_out_of_range(tmp_path):
+    """gRPC would bind a random port for 99999 and clients would never find the registry."""
+    result = CliRunner().invoke(app, ["registry", "serve", "--root", str(tmp_path / "store"), "--address", "127.0.0.1:99999"])
+    assert result.exit_code != 0 and "must look like HOST:PORT" in str(result.exception)
+    assert not (tmp_path / "store").exists()

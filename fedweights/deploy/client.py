@@ -72,6 +72,8 @@ class NodeSettings:
         """Flower node config for these settings (checked)."""
         if self.partition is None and self.data is None:
             raise UserError("say what this node trains on: --partition i/n (built-in data) or --data FILE.npz")
+        if self.partition is not None and self.data is not None:
+            raise UserError("give one of --partition (built-in data) and --data (this node's own file), not both")
         config: dict[str, str | int] = {keys.NODE_NAME: name}
         if self.partition is not None:
             match = re.fullmatch(r"(\d+)/(\d+)", self.partition)
@@ -80,7 +82,7 @@ class NodeSettings:
             config[keys.PARTITION_ID], config[keys.NUM_PARTITIONS] = int(match[1]), int(match[2])
         if self.data is not None:
             if not Path(self.data).is_file():
-                raise UserError(f"--data {self.data} does not exist")
+                raise UserError(f"--data {self.data} {'is a folder, not a .npz file' if Path(self.data).is_dir() else 'does not exist'}")
             from ..data.node_data import load_node_data  # torch: only for nodes with their own data
 
             load_node_data(str(Path(self.data).resolve()))  # a bad file fails here, before connecting

@@ -42,7 +42,13 @@ def simulate(
     Raises ``UserError`` for bad settings (before any process starts) and ``RunFailed`` when
     the run cannot complete.
     """
+    if not isinstance(config, RunConfig):
+        raise UserError(f"simulate() takes a RunConfig (e.g. RunConfig(clients=4) or load_config(path)), got {type(config).__name__}")
+    if task is not None and not isinstance(task, Task):
+        raise UserError(f"simulate(task=...) takes a fedweights Task (model_fn, train_data, test_data), got {type(task).__name__}")
     config.validate()
+    if task is not None:
+        task.check()  # before any process starts: a model instance instead of a factory fails here
     publish_preflight(config)  # registry reachable and accepting our writes, before any process starts
     out = Path(config.out) if config.out else default_run_dir()
     with RunLock(out) as lock, lock.shared_in_process():  # the in-process ServerApp runs under our lock
