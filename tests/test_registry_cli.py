@@ -106,6 +106,8 @@ def test_large_model_streams_in_chunks_with_bounded_memory(served, tmp_path):
 
 def test_serve_refuses_a_port_out_of_range(tmp_path):
     """gRPC would bind a random port for 99999 and clients would never find the registry."""
-    result = CliRunner().invoke(app, ["registry", "serve", "--root", str(tmp_path / "store"), "--address", "127.0.0.1:99999"])
-    assert result.exit_code != 0 and "must look like HOST:PORT" in str(result.exception)
+    (tmp_path / "token").write_text(TOKEN)
+    result = CliRunner().invoke(app, ["registry", "serve", "--root", str(tmp_path / "store"), "--address", "127.0.0.1:99999",
+                                      "--token-file", str(tmp_path / "token")])
+    assert result.exit_code != 0 and "PORT 0..65535" in str(result.exception)
     assert not (tmp_path / "store").exists()

@@ -180,3 +180,21 @@ def _wait_for(condition, timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_check_reports_every_problem_lost_index_rows_and_orphaned_payloads(client, registry, tmp_path):
+    """fsck must not stop at a truncated payload, nor pass a store whose index lost rows."""
+    for seed in (1, 2, 3):
+        save_model(tmp_path / f"m{seed}.safetensors", seed=seed)
+        client.push(tmp_path / f"m{seed}.safetensors", "m")  # m:2's parent is m:1, m:3's is m:2
+    root, store = registry.store.root, registry.store
+    truncated = store.blob_path(client.resolve("m:3").sha256)
+    os.chmod(truncated, 0o644)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    lost = client.resolve("m:1").sha256
+    with sqlite3.connect(root / "index.sqlite") as db:
+        db.execute("DELETE FROM versions WHERE name = 'm' AND version = 1")
+    problems = store.check()
+    assert any(p.startswith("m:2: its parent m:1 is missing from the index") for p in problems)
+    assert any(p.startswith("m:3: payload") for p in problems)  # reported, and the check went on
+    assert any(f"payload {lost} belongs to no version" in p for p in problems)

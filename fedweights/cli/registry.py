@@ -33,9 +33,6 @@ def serve_command(
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Reads need the token or a client certificate too."),
 ) -> None:
     """Serve a weight registry until Ctrl-C / SIGTERM. Writes always need a token or mTLS."""
-    from ..deploy.processes import split_address
-
-    split_address(address, "--address")  # gRPC would quietly take a random port for one out of range
     policy = AccessPolicy(
         token=read_token(token_file) if token_file else None,
         mtls=mtls,

@@ -60,8 +60,8 @@ def start_registry(
     if policy.mtls and tls_dir is None:
         raise UserError("--mtls needs --tls-dir (with ca.crt, server.pem, server.key)")
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"invalid address {address!r}: use HOST:PORT, e.g. 127.0.0.1:9600 or 0.0.0.0:9600")
+    if not host or not port.isdigit() or int(port) > 65535:  # gRPC would quietly bind a random port for 99999
+        raise UserError(f"invalid address {address!r}: use HOST:PORT with PORT 0..65535, e.g. 127.0.0.1:9600 or 0.0.0.0:9600")
     store = WeightStore(root)
     hold = contextlib.ExitStack()
     hold.enter_context(store.lock())

@@ -196,25 +196,36 @@ class WeightStore:
             raise IntegrityError(f"the payload of {manifest.name}:{manifest.version} is missing from the store") from None
 
     def check(self) -> list[str]:
-        """Re-verify every manifest, lineage link and payload on disk; return the problems found."""
-        problems = []
+        """Re-verify every manifest, lineage link and payload on disk, and that no payload is
+        orphaned (in no version: a lost index entry); return all the problems found."""
+        problems: list[str] = []
         with self._connect() as db:
             names = [n for (n,) in db.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+        manifests: dict[tuple[str, int], pb.WeightManifest] = {}
         for name in names:
             try:
-                manifests = check_chain(self.versions(name))
-            except IntegrityError as exc:
+                manifests |= {(m.name, m.version): m for m in check_chain(self.versions(name))}
+            except UserError as exc:
                 problems.append(f"{name}: {exc}")
+        for (name, version), manifest in manifests.items():
+            parent = (manifest.parent.name, manifest.parent.version)
+            if manifest.parent.version and parent not in manifests:
+                problems.append(f"{name}:{version}: its parent {parent[0]}:{parent[1]} is missing from the index")
+            path = self.blob_path(manifest.sha256)
+            if not path.is_file():
+                problems.append(f"{name}:{version}: payload {manifest.sha256} is missing")
                 continue
-            for manifest in manifests:
-                path = self.blob_path(manifest.sha256)
-                if not path.is_file():
-                    problems.append(f"{name}:{manifest.version}: payload {manifest.sha256} is missing")
-                    continue
-                hasher = PayloadHasher()
+            hasher = PayloadHasher()
+            try:
                 for chunk in iter_file(path):
                     hasher.update(chunk)
-                problems += [f"{name}:{manifest.version}: {p}" for p in payload_mismatches(manifest, hasher.finish())]
+                problems += [f"{name}:{version}: {p}" for p in payload_mismatches(manifest, hasher.finish())]
+            except UserError as exc:
+                problems.append(f"{name}:{version}: payload {manifest.sha256}: {exc}")
+        referenced = {m.sha256 for m in manifests.values()}
+        for blob in sorted((self.root / "blobs" / "sha256").glob("*/*")):
+            if blob.name not in referenced:
+                problems.append(f"payload {blob.name} belongs to no version in the index (an index entry was lost?)")
         return problems
 
     def _row(self, db: sqlite3.Connection, ref: Ref) -> pb.ManifestRecord:
