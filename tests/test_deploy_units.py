@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedweights.config import RunConfig, load_config, tomllib
+from fedweights.crypto.keys import make_keys
 from fedweights.deploy.client import ClientSecurity, NodeSettings
 from fedweights.deploy.federation import write_app_dir, write_flwr_home
 from fedweights.deploy.keys import authorized_keys, make_node_key, make_tls
@@ -62,10 +63,17 @@ def test_server_and_client_refuse_insecure_or_incomplete_setups(tmp_path):
         ServerSecurity(tls_dir=tmp_path).validate()
     with pytest.raises(UserError, match="--root-cert"):
         ClientSecurity().validate()
-    key = make_node_key(tmp_path / "k", "n0").private
-    key.chmod(0o644)
+    pair = make_node_key(tmp_path / "k", "n0")
+    with pytest.raises(UserError, match="is not a PEM certificate"):  # a .pub given as the CA: would retry forever
+        ClientSecurity(root_cert=pair.public).validate()
+    cert = tmp_path / "ca.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    pair.private.chmod(0o644)
     with pytest.raises(UserError, match="chmod 600"):
-        ClientSecurity(root_cert=key, node_key=key).validate()
+        ClientSecurity(root_cert=cert, node_key=pair.private).validate()
+    make_keys(tmp_path / "he")
+    with pytest.raises(UserError, match="holds no secret key"):  # the coordinator's server.ctx given to a client
+        NodeSettings(partition="0/2", he_key=tmp_path / "he" / "server.ctx", state_dir=tmp_path).node_config("n0")
     with pytest.raises(UserError, match="i/n"):
         NodeSettings(partition="2/2", state_dir=tmp_path).node_config("n0")
     with pytest.raises(UserError, match="--partition i/n"):

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import UserError
 from .app import app, console, err_console, keys_app
 from .run_options import build_run_config, run_options
 
@@ -32,7 +33,6 @@ def server_command(
     from ..deploy.server import ServerSecurity, run_server
 
     if resume is not None:
-        from ..errors import UserError
         from ..flower.checkpoint import resume_config
 
         if config is not None or "out" in (overrides or {}):
@@ -68,6 +68,8 @@ def client_command(
     """Start a Flower SuperNode that trains on this node's data whenever the server runs a round."""
     from ..deploy.client import ClientSecurity, NodeSettings, run_client
 
+    if not 0 <= register_wait < float("inf"):
+        raise UserError(f"--register-wait must be a number of seconds >= 0, got {register_wait}")
     security = ClientSecurity(root_cert, node_key, insecure)
     settings = NodeSettings(partition, data, device, he_key, state_dir)
     run_client(server, security, settings, console=console, register_wait=register_wait)

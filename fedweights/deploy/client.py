@@ -54,6 +54,8 @@ class ClientSecurity:
         for option, path in (("--root-cert", self.root_cert), ("--node-key", self.node_key)):
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{option} {path} does not exist")
+        if self.root_cert is not None and b"BEGIN CERTIFICATE" not in Path(self.root_cert).read_bytes()[:65536]:
+            raise UserError(f"--root-cert {self.root_cert} is not a PEM certificate: give the CA's ca.crt (from `fedweights keys tls`)")
         if self.node_key is not None and Path(self.node_key).stat().st_mode & 0o077:
             raise UserError(f"--node-key {self.node_key} is readable by others: chmod 600 it")
 
@@ -94,6 +96,9 @@ class NodeSettings:
         if self.he_key is not None:
             if not Path(self.he_key).is_file():
                 raise UserError(f"--he-key {self.he_key} does not exist (make keys with `fedweights keys he`)")
+            from ..crypto.keys import load_client_key  # tenseal: only for nodes of encrypted runs
+
+            load_client_key(self.he_key)  # server.ctx or a world-readable key: refused before connecting
             config[keys.NODE_HE_KEY] = str(Path(self.he_key).resolve())
         state_dir = Path(self.state_dir or Path.home() / ".fedweights" / "nodes" / name).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
