@@ -39,6 +39,10 @@ def test_tls_keys_chain_to_the_ca_and_name_the_hosts(tmp_path):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     with pytest.raises(UserError, match="--force"):
         make_tls(tmp_path)
+    for bad in ("", "bad host name!"):  # a certificate for such a SAN matches no server
+        with pytest.raises(UserError, match="is not an IP address or a DNS name"):
+            make_tls(tmp_path / "other", [bad])
+        assert not (tmp_path / "other").exists()
 
 
 def test_node_key_is_private_p384_with_an_openssh_public_half(tmp_path):

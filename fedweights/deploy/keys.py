@@ -47,7 +47,7 @@ class TLSFiles:
 def make_tls(out: str | Path, hosts: list[str] | None = None, client: bool = False, overwrite: bool = False) -> TLSFiles:
     """A fresh CA and a server certificate valid for ``hosts`` (names or IPs; localhost always included)."""
     out = Path(out)
-    names = list(dict.fromkeys([*DEFAULT_HOSTS, *(hosts or [])]))
+    names = list(dict.fromkeys([*DEFAULT_HOSTS, *(check_host(h) for h in hosts or [])]))
     targets = [CA_FILE, CA_KEY, SERVER_CERT, SERVER_KEY] + ([CLIENT_CERT, CLIENT_KEY] if client else [])
     _refuse_overwrite(out, targets, overwrite)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -153,6 +153,19 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
         digital_signature=not cert_sign, content_commitment=False, key_encipherment=False, data_encipherment=False,
         key_agreement=not cert_sign, key_cert_sign=cert_sign, crl_sign=cert_sign, encipher_only=False, decipher_only=False,
     )
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS name (letters, digits, '-', dots; '*.' allowed first)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host.removeprefix("*.").split(".")
+    if not host or len(host) > 253 or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", x) for x in labels):
+        raise UserError(f"--host {host!r} is not an IP address or a DNS name (e.g. fl.example.org, 10.0.0.5)")
+    return host
 
 
 def _general_name(host: str) -> x509.GeneralName:

@@ -74,8 +74,8 @@ def parse_ref(text: str) -> Ref:
     """Parse ``name``, ``name:version`` or ``name@tag`` (raise UserError on bad input)."""
     if ":" in text:
         name, _, version = text.rpartition(":")
-        if not version.isdigit() or int(version) < 1:
-            raise UserError(f"invalid reference {text!r}: the version after ':' must be a number >= 1")
+        if not version.isdigit() or not 1 <= int(version) < 2**63:  # the index stores 64-bit integers
+            raise UserError(f"invalid reference {text!r}: the version after ':' must be a number from 1 to 2**63-1")
         return Ref(check_name(name), version=int(version))
     if "@" in text:
         name, _, tag = text.rpartition("@")
