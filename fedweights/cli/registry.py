@@ -74,6 +74,8 @@ def bench_registry_command(
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per operation (the median is reported)."),
 ) -> None:
     """Registry push/pull throughput vs a plain file copy (registry in its own process, loopback)."""
+    if megabytes < 1 or repeats < 1:
+        raise UserError(f"--megabytes and --repeats must be >= 1, got {megabytes} and {repeats}")
     from ..registry.bench import run
 
     console.print_json(json.dumps(run(megabytes, repeats)))
