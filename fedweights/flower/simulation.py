@@ -19,7 +19,7 @@ from ..strategies import build_strategy, check_he_compatible
 from ..task import Task, save_task
 from ..training import select_device
 from .client_app import build_client_app
-from .encryption import prepare_simulation_keys, write_decrypted_model
+from .encryption import own_keys, prepare_simulation_keys, write_decrypted_model
 from .round_loop import RunResult
 from .runtime import Runtime, fixed_runtime
 from .server_app import build_server_app
@@ -69,7 +69,7 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
         check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
     reporter = reporter or RichReporter()
     if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
-        announce_archive(reporter, archive_previous_run(out))
+        announce_archive(reporter, archive_previous_run(out, keep=own_keys(config, out)))  # --he-key RUN/keys/…: kept
     config = prepare_simulation_keys(config, out)  # --he: a fresh key pair in RUN/keys/ unless he.key is given
     runtime = Runtime(config, task_file)
 
