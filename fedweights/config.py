@@ -328,27 +328,27 @@ def _positive(key: str, value: float | None) -> None:
         raise ConfigError(key, f"must be > 0 and finite, got {value}")
 
 
-SWITCHES = {"dp": "--dp", "he": "--he", "user_dp": "--user-dp"}
-"""Config sections whose settings only apply when their ``enabled`` key (CLI flag) is on."""
+SWITCHES = {"dp": ("enabled", "--dp"), "he": ("enabled", "--he"), "user_dp": ("enabled", "--user-dp"),
+            "attack": ("malicious", "--malicious K")}
+"""Config sections whose other settings only apply when their switch key (CLI flag) is on."""
 
 
 def _check_switched_off(config: RunConfig) -> None:
     """A setting of a section that is off (DP, HE, user-level DP, attackers) would be silently
     ignored, so a run the user believes private would not be: refuse it and say how to turn it on."""
-    for section, flag in SWITCHES.items():
+    for section, (switch, flag) in SWITCHES.items():
         table = getattr(config, section)
-        if not table.enabled:
-            for f in dataclasses.fields(table):
-                if f.name != "enabled" and getattr(table, f.name) != getattr(type(table)(), f.name):
-                    raise ConfigError(
-                        f"{section}.{f.name}",
-                        f"is set but {section}.enabled is false, so it would be ignored: add {flag} "
-                        f"([{section}] enabled = true in TOML) or remove the setting",
-                    )
-    if config.attack.malicious == 0:
-        for name in ("kind", "scale"):
-            if getattr(config.attack, name) != getattr(AttackConfig(), name):
-                raise ConfigError(f"attack.{name}", "is set but attack.malicious is 0 (no attackers): set --malicious K or remove it")
+        switched = getattr(table, switch)
+        if switched:
+            continue
+        default = type(table)()
+        for f in dataclasses.fields(table):
+            if f.name != switch and getattr(table, f.name) != getattr(default, f.name):
+                raise ConfigError(
+                    f"{section}.{f.name}",
+                    f"is set but {section}.{switch} is {str(switched).lower()}, so it would be ignored: add {flag} "
+                    f"([{section}] {switch} in TOML) or remove the setting",
+                )
 
 
 def _norm(key: str) -> str:
