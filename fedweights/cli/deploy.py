@@ -68,8 +68,6 @@ def client_command(
     """Start a Flower SuperNode that trains on this node's data whenever the server runs a round."""
     from ..deploy.client import ClientSecurity, NodeSettings, run_client
 
-    if not 0 <= register_wait < float("inf"):
-        raise UserError(f"--register-wait must be a number of seconds >= 0, got {register_wait}")
     security = ClientSecurity(root_cert, node_key, insecure)
     settings = NodeSettings(partition, data, device, he_key, state_dir)
     run_client(server, security, settings, console=console, register_wait=register_wait)

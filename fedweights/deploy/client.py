@@ -128,6 +128,8 @@ def run_client(
     """
     console = console or Console()
     split_address(server, "--server")
+    if not 0 <= register_wait < float("inf"):
+        raise UserError(f"--register-wait must be a number of seconds >= 0, got {register_wait}")
     security.validate()
     name = node_name(security, settings)
     node_config = settings.node_config(name)

@@ -153,9 +153,12 @@ def calibrate_noise(
     if steps < 1:
         raise UserError("calibrating a noise multiplier needs at least one step")
 
+    # above the ceiling `epsilon` reports the RDP bound, so the RDP answer is the one that meets the target
+    rdp = accountant == "rdp" or target_epsilon > PLD_EPSILON_CEILING
+
     def gap(sigma: float, discretization: float = PLD_DISCRETIZATION) -> float:
         history = [(sigma, sample_rate, steps)]
-        if accountant == "rdp":
+        if rdp:
             return _rdp_epsilon(history, delta) - target_epsilon
         return _pld_epsilon(history, delta, discretization) - target_epsilon
 
@@ -165,10 +168,8 @@ def calibrate_noise(
             f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at sample rate {sample_rate:.4g} "
             f"(delta {delta:g}). Raise the target, or lower rounds, local epochs or the sample rate."
         )
-    if accountant == "rdp" or target_epsilon > PLD_EPSILON_CEILING:  # cheap at any σ: search the whole range
-        # (above the ceiling `epsilon` reports the RDP bound, so the RDP answer is what meets the target)
-        return _smallest_root(lambda s: _rdp_epsilon([(s, sample_rate, steps)], delta) - target_epsilon,
-                              0.1, MAX_NOISE_MULTIPLIER, rtol)
+    if rdp:  # cheap at any σ: search the whole range
+        return _smallest_root(gap, 0.1, MAX_NOISE_MULTIPLIER, rtol)
     # PLD is slow at small σ, so bracket it tightly first: RDP over-reports ε, so it needs a bit
     # more noise than PLD (typically 3-8 %); a 10x coarser PLD grid then narrows it to ~1 %.
     upper = calibrate_noise(target_epsilon, sample_rate, steps, delta, "rdp", rtol=1e-2)
