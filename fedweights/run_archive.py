@@ -40,12 +40,10 @@ def archive_previous_run(run_dir: str | Path, keep: tuple[str, ...] = ()) -> Pat
     present = [name for name in run_results() if name not in keep and (path / name).exists()]
     if not present:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path / ARCHIVE_DIR / f"{_run_id_of(path)}-{stamp}"
-    for n in range(1, 1000):  # two archives within one second
-        if not target.exists():
-            break
-        target = path / ARCHIVE_DIR / f"{_run_id_of(path)}-{stamp}-{n}"
+    name = f"{_run_id_of(path)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = path / ARCHIVE_DIR / name, 1
+    while target.exists():  # two archives within one second
+        target, n = path / ARCHIVE_DIR / f"{name}-{n}", n + 1
     target.mkdir(parents=True)
     for name in present:
         os.replace(path / name, target / name)

@@ -68,7 +68,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
                 "was the run made with --dp or --user-dp?"
             )
         return _user_only_summary(metrics, user_file)
-    _check_ledger_tail(run_dir, ledger, entries)
+    lines = ledger.path.read_bytes().splitlines()
+    _check_ledger_tail(run_dir, ledger, entries, lines)
     config = metrics.get("config", {})
     dp = config.get("dp", {})
     clients: dict[str, dict[str, Any]] = {}
@@ -96,7 +97,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "ledger": {
             "file": LEDGER_FILE,
             "entries": len(entries),
-            "last_sha256": hashlib.sha256(ledger.path.read_bytes().splitlines()[-1]).hexdigest(),
+            "last_sha256": hashlib.sha256(lines[-1]).hexdigest(),
         },
     }
     summary["guarantee"] = guarantee_text(summary)
@@ -106,7 +107,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def _check_ledger_tail(run_dir: Path, ledger: Ledger, entries: list[dict[str, Any]]) -> None:
+def _check_ledger_tail(run_dir: Path, ledger: Ledger, entries: list[dict[str, Any]], lines: list[bytes]) -> None:
     """What the hash chain cannot show: an edited or dropped line at the ledger's end. The last
     line's ε must be at least what its own (σ, q, steps) history gives, and the ledger must still
     hold the line that privacy.json, as last written, sealed (its line count and sha256)."""
@@ -125,7 +126,6 @@ def _check_ledger_tail(run_dir: Path, ledger: Ledger, entries: list[dict[str, An
         count, digest = int(sealed["entries"]), str(sealed["last_sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # no earlier report of this run (a new run archives the previous run's report)
-    lines = ledger.path.read_bytes().splitlines()
     if len(lines) < count or hashlib.sha256(lines[count - 1]).hexdigest() != digest:
         raise LedgerError(
             f"{ledger.path} no longer holds the {count} line(s) that {PRIVACY_FILE} sealed when the run wrote it "
