@@ -72,7 +72,6 @@ class PrivacyHooks(RoundHooks):
                 self._remember(record)  # one client id sent twice in a round: the second composes onto the first
         records = _flag_over_budget(_flag_shared_ids(records), self.config.dp.max_epsilon)
         self.ledger.append(records)  # durable before any update is used (remembered above)
-        _warn_shared_ids(server_round, records)
         over = [r for r in records if r.get("over_budget")]
         usable = sum(not r.has_error() for r in replies) - len(over)
         needed = max(1, min(self.config.min_replies, len(replies)))
@@ -166,8 +165,8 @@ class PrivacyHooks(RoundHooks):
 
 
 def _flag_shared_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Warn on lines whose client id came from more than one node in the round (nodes started with
-    one partition id). Their spends are composed under that id: right when they hold the same
+    """Warn (on the lines and the console) when a client id came from more than one node in the round
+    (nodes started with one partition id). Their spends are composed under that id: right when they hold the same
     examples, an over-count otherwise, never an under-count."""
     nodes: dict[str, set[str]] = {}
     for record in records:
@@ -179,20 +178,13 @@ def _flag_shared_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"client id {record['client']} also came from node(s) {', '.join(others)} this round: nodes "
                 "started with one partition id train on the same examples; their spends are composed under this id"
             )
+    for client, senders in nodes.items():  # and on the coordinator's console, once per client id
+        if len(senders) > 1:
+            log.warning(
+                "round %s: nodes %s all sent client id %s (started with one partition id?); they train on the same "
+                "examples, so their privacy spends are composed under that id — give each node its own partition",
+                records[0]["round"], ", ".join(sorted(senders)), client)
     return records
-
-
-def _warn_shared_ids(server_round: int, records: list[dict[str, Any]]) -> None:
-    """Say on the coordinator's console, once per client id, that several nodes sent it this round."""
-    nodes: dict[str, list[str]] = {}
-    for record in records:
-        if record.get("warning"):
-            nodes.setdefault(str(record["client"]), []).append(str(record["node"]))
-    for client, senders in nodes.items():
-        log.warning(
-            "round %d: nodes %s all sent client id %s (started with one partition id?); they train on the same "
-            "examples, so their privacy spends are composed under that id — give each node its own partition",
-            server_round, ", ".join(senders), client)
 
 
 def _flag_over_budget(records: list[dict[str, Any]], budget: float | None) -> list[dict[str, Any]]:
