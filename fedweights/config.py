@@ -9,15 +9,14 @@ side the same tree travels flattened as ``{"rounds": 5, "dp.enabled": true, ...}
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
+from .config_tables import build, check_types, flatten, norm_key, normalise_keys, unflatten
 from .errors import ConfigError, UserError
 
 if sys.version_info >= (3, 11):
@@ -240,7 +239,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check types, choices, ranges and cross-field rules; raise ConfigError naming the key."""
-        _check_types(self, prefix="")  # a RunConfig built in Python gets the checks a TOML file gets
+        check_types(self, prefix="")  # a RunConfig built in Python gets the checks a TOML file gets
         if not 0 <= self.seed < 2**32:
             raise ConfigError("seed", f"must be in 0..2**32-1 (numpy's seed range), got {self.seed}")
         for key in ("clients", "rounds", "local_epochs", "batch_size"):
@@ -290,17 +289,17 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """Flatten to Flower's run-config form (``dp.enabled`` …); unset (None) keys are left out."""
-        return {k: v for k, v in _flatten(dataclasses.asdict(self)).items() if v is not None}
+        return {k: v for k, v in flatten(dataclasses.asdict(self)).items() if v is not None}
 
     @classmethod
     def from_flat(cls, flat: typing.Mapping[str, Any]) -> RunConfig:
         """Build from a flat ``{"dp.enabled": True}`` mapping such as Flower's ``context.run_config``."""
-        return from_dict(_unflatten(flat))
+        return from_dict(unflatten(flat))
 
 
 def from_dict(data: typing.Mapping[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts (as parsed from TOML)."""
-    config = _build(RunConfig, data, prefix="")
+    config = build(RunConfig, data, prefix="")
     config.validate()
     return config
 
@@ -316,7 +315,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Mapping[str, A
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-    merged = _unflatten(_flatten(_normalise_keys(data)) | {_norm(k): v for k, v in (overrides or {}).items()})
+    merged = unflatten(flatten(normalise_keys(data)) | {norm_key(k): v for k, v in (overrides or {}).items()})
     return from_dict(merged)
 
 
@@ -349,91 +348,3 @@ def _check_switched_off(config: RunConfig) -> None:
                     f"is set but {section}.{switch} is {str(switched).lower()}, so it would be ignored: add {flag} "
                     f"([{section}] {switch} in TOML) or remove the setting",
                 )
-
-
-def _norm(key: str) -> str:
-    return key.replace("-", "_")
-
-
-def _normalise_keys(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {_norm(k): _normalise_keys(v) for k, v in data.items()}
-    return data
-
-
-def _flatten(data: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = _norm(key).split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(key, "mixes a value and a table under the same name")
-        node[leaf] = value
-    return tree
-
-
-def _build(cls: type, data: typing.Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, typing.Mapping):
-        raise ConfigError(prefix.rstrip(".") or "<root>", f"must be a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = _norm(raw_key)
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(prefix + key, f"is not a known setting{hint}")
-        hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = _build(hint_type, value, prefix=f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(prefix + key, value, hint_type)
-    return cls(**kwargs)
-
-
-def _check_types(obj: Any, prefix: str) -> None:
-    """Check every field of the dataclass ``obj`` (and its nested tables) as ``_build`` checks TOML values."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, hint = getattr(obj, f.name), hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, hint):
-                raise ConfigError(prefix + f.name, f"must be a {hint.__name__}, got {type(value).__name__} {value!r}")
-            _check_types(value, prefix=f"{prefix}{f.name}.")
-        else:
-            _coerce(prefix + f.name, value, hint)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, options[0])
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (bool, str) and isinstance(value, hint):
-        return value
-    raise ConfigError(key, f"must be of type {hint.__name__}, got {type(value).__name__} {value!r}")

@@ -40,7 +40,8 @@ from flwr.app import Array, ArrayRecord
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load, save
 
-from ..config import RunConfig, _flatten, _norm, _unflatten, from_dict
+from ..config import RunConfig, from_dict
+from ..config_tables import flatten, norm_key, unflatten
 from ..crypto.envelope import EnvelopeError, is_encrypted, load_envelope, save_envelope
 from ..errors import ConfigError, UserError
 from ..fileio import _fsync_dir, atomic_write_bytes, atomic_write_json
@@ -231,10 +232,10 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
         stored = run.read_metrics()["config"]
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{run.metrics_path} is damaged ({type(exc).__name__}: {exc})") from None
-    flat = {k: v for k, v in _flatten(stored).items() if v is not None}
-    flat.update({_norm(k): v for k, v in (overrides or {}).items()})
+    flat = {k: v for k, v in flatten(stored).items() if v is not None}
+    flat.update({norm_key(k): v for k, v in (overrides or {}).items()})
     flat.update(resume=True, out=str(run_dir))
-    config = from_dict(_unflatten(flat))
+    config = from_dict(unflatten(flat))
     check_resume_changes(stored, config)
     return config
 
@@ -242,8 +243,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
 def check_resume_changes(stored: dict[str, Any], config: RunConfig) -> None:
     """Refuse a resumed ``config`` that differs from the ``stored`` one outside ``RESUMABLE_KEYS``
     (keys the stored config lacks, from an older fedweights, are taken as unchanged)."""
-    before = _flatten(stored)
-    after = _flatten(dataclasses.asdict(config))
+    before = flatten(stored)
+    after = flatten(dataclasses.asdict(config))
     for key in sorted(set(before) | set(after)):
         old, new = before.get(key), after.get(key)
         if key not in before or old == new or any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
