@@ -198,3 +198,26 @@ def test_check_reports_every_problem_lost_index_rows_and_orphaned_payloads(clien
     assert any(p.startswith("m:2: its parent m:1 is missing from the index") for p in problems)
     assert any(p.startswith("m:3: payload") for p in problems)  # reported, and the check went on
     assert any(f"payload {lost} belongs to no version" in p for p in problems)
+
+
+def test_fsck_reads_without_writing(client, registry, tmp_path):
+    """fsck is an inspection: a store whose index lost its tables is reported, not re-created."""
+    from typer.testing import CliRunner
+
+    from fedweights.cli import app
+
+    save_model(tmp_path / "m.safetensors")
+    client.push(tmp_path / "m.safetensors", "m")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    with sqlite3.connect(registry.store.root / "index.sqlite") as source, sqlite3.connect(copy / "index.sqlite") as target:
+        source.backup(target)
+    lost_payloads = CliRunner().invoke(app, ["registry", "fsck", "--root", str(copy)])
+    assert lost_payloads.exit_code != 0 and "payload" in lost_payloads.output and "is missing" in lost_payloads.output
+    with sqlite3.connect(copy / "index.sqlite") as db:
+        db.execute("DROP TABLE versions")
+    emptied = CliRunner().invoke(app, ["registry", "fsck", "--root", str(copy)])
+    assert emptied.exit_code != 0 and "no versions/tags tables" in str(emptied.exception)
+    with sqlite3.connect(copy / "index.sqlite") as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'versions'").fetchone() is None
+    assert not (copy / "blobs").exists() and not (copy / "tmp").exists()

@@ -60,7 +60,7 @@ def fsck_command(root: Path = typer.Option(..., "--root", help="Store directory 
     """Re-verify every manifest digest, lineage link and payload hash in a store."""
     if not (root / "index.sqlite").is_file():
         raise UserError(f"{root} is not a registry store (no index.sqlite)")
-    problems = WeightStore(root).check()
+    problems = WeightStore(root, read_only=True).check()
     if problems:
         for problem in problems:
             console.print(f"[red]✗[/red] {problem}", highlight=False)

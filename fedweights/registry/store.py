@@ -88,9 +88,17 @@ class Upload:
 class WeightStore:
     """Blobs + index under one root directory; safe for concurrent use by many threads."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, read_only: bool = False) -> None:
+        """Open (and, unless ``read_only``, create) the store at ``root``; read-only never writes to it."""
         self.root = Path(root)
+        self.read_only = read_only
         try:
+            if read_only:
+                with self._connect() as db:
+                    tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"versions", "tags"} <= tables:
+                    raise sqlite3.DatabaseError("its index.sqlite has no versions/tags tables")
+                return
             for sub in ("blobs/sha256", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
@@ -245,7 +253,10 @@ class WeightStore:
         return pb.ManifestRecord(manifest=row[0], digest=row[1])
 
     def _connect(self) -> contextlib.closing[sqlite3.Connection]:
-        db = sqlite3.connect(self.root / "index.sqlite", isolation_level=None, timeout=60)
+        index = self.root / "index.sqlite"
+        if self.read_only:
+            return contextlib.closing(sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True, timeout=60))
+        db = sqlite3.connect(index, isolation_level=None, timeout=60)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         return contextlib.closing(db)
