@@ -114,6 +114,8 @@ def test_diff_reports_per_tensor_l2_and_relative_change(client, tmp_path):
         assert change.relative_change == pytest.approx(expected / torch.linalg.vector_norm(old[name].double()).item())
     assert {c.status for c in changes.values()} == {"same", "changed"}
     assert {c.status for c in client.diff("d:1", str(tmp_path / "a.safetensors"))} == {"same"}  # local file vs version
+    with pytest.raises(UserError, match="missing.safetensors: no such file"):  # not "invalid model name"
+        client.diff("d:1", str(tmp_path / "missing.safetensors"))
 
 
 def test_bad_input_is_refused_and_nothing_is_stored(client, registry, tmp_path):

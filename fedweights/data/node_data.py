@@ -9,6 +9,7 @@ fails with a message naming it rather than deep inside training.
 
 from __future__ import annotations
 
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +25,8 @@ EXPECTED = "expected an .npz with x_train, y_train[, x_test, y_test]"
 @lru_cache(maxsize=2)
 def load_node_data(path: str) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) datasets from an ``.npz`` file; test is empty when the file has none."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"node data {path} is not an .npz archive ({EXPECTED}; write one with numpy.savez)")
     try:
         with np.load(Path(path), allow_pickle=False) as arrays:
             found = {key: arrays[key] for key in arrays.files}

@@ -238,6 +238,8 @@ class Client:
     def _local(self, ref: str, tmp: Path) -> Path:
         if Path(ref).is_file():
             return Path(ref)
+        if ref.startswith(("/", ".", "~")) or ref.endswith(".safetensors"):  # never a model name or a ref
+            raise UserError(f"{ref}: no such file (a published version is written NAME:VERSION or NAME@TAG)")
         self.pull(ref, tmp)
         return tmp
 
