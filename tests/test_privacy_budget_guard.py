@@ -18,7 +18,7 @@ from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
 from fedweights.privacy.accounting import epsilon
 from fedweights.privacy.ledger import Ledger
 from fedweights.privacy.plan import client_delta, round_plan
-from fedweights.privacy.protocol import LEDGER_ACCOUNT
+from fedweights.privacy.protocol import IDENTIFY, LEDGER_ACCOUNT
 from fedweights.progress import RichReporter
 from fedweights.task import builtin_task
 
@@ -47,7 +47,24 @@ class ForgetfulGrid(LocalGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def federate_with_a_forgetful_client(tmp_path, unrecognised: bool, he: HEConfig | None = None):
+class RenumberingGrid(LocalGrid):
+    """Node 1 comes back as node 11 after round 1, with no state: a restarted node on a fresh state
+    dir whose SuperLink lost its database (Flower gives it a new node id). Counts identity queries."""
+
+    def __init__(self, runtime, node_configs, unrecognised: bool) -> None:
+        super().__init__(runtime, node_configs)
+        self.queried: list[int] = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.queried += [m.metadata.dst_node_id for m in messages if IDENTIFY in m.content]
+        if any(m.metadata.message_type == "evaluate" for m in messages) and 1 in self.node_configs:
+            self.node_configs[11] = self.node_configs.pop(1)  # gone after round 1's evaluation
+            self.contexts.pop(1, None)
+        return replies
+
+
+def federate_with_a_forgetful_client(tmp_path, unrecognised: bool, he: HEConfig | None = None, grid=ForgetfulGrid):
     """Nodes 1, 2 on partitions 0/2, 1/2 and a node with all training examples (it spends ε slower);
     budget = ε of two rounds on a partition; node 1 forgets its accountant before round 2."""
     config = RunConfig(clients=3, rounds=3, min_clients=1, seed=5, out=str(tmp_path / "run"),
@@ -66,27 +83,32 @@ def federate_with_a_forgetful_client(tmp_path, unrecognised: bool, he: HEConfig 
 
     nodes = node_configs(2)
     nodes[3] = {NODE_DATA: str(tmp_path / "all.npz"), NODE_NAME: "lab-all"}
-    run_federation(ForgetfulGrid(Runtime(config), nodes, unrecognised), Runtime(config), reporter=RichReporter())
-    return config, plan, budget
+    grid = grid(Runtime(config), nodes, unrecognised)
+    run_federation(grid, Runtime(config), reporter=RichReporter())
+    return config, plan, budget, grid
 
 
-def test_a_client_that_lost_its_accountant_resumes_from_the_ledger_and_stops_at_its_budget(tmp_path):
-    config, _plan, _budget = federate_with_a_forgetful_client(tmp_path, unrecognised=False)
+@pytest.mark.parametrize("grid", [ForgetfulGrid, RenumberingGrid], ids=["same-node-id", "new-node-id"])
+def test_a_client_that_lost_its_accountant_resumes_from_the_ledger_and_stops_at_its_budget(tmp_path, grid):
+    config, _plan, _budget, used_grid = federate_with_a_forgetful_client(tmp_path, unrecognised=False, grid=grid)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 1]
     reasons = {f["node"]: f["reason"] for f in metrics["rounds"][2]["failures"]}
-    assert sorted(reasons) == ["1", "2"] and all("privacy budget exhausted" in r for r in reasons.values())
+    node = "11" if grid is RenumberingGrid else "1"
+    assert sorted(reasons) == sorted([node, "2"]) and all("privacy budget exhausted" in r for r in reasons.values())
     ledger = Ledger(config.out).read()
     assert not any(e.get("over_budget") for e in ledger)
     for entry in (e for e in ledger if e["status"] == "trained"):  # the client's own ε is the ledger's
         assert entry["client_epsilon"] == pytest.approx(entry["epsilon"], rel=1e-9)
+    if grid is RenumberingGrid:  # asked once who it is, when it first came back; nobody else ever
+        assert used_grid.queried == [11]
 
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "he"])
 def test_a_client_the_coordinator_cannot_recognise_is_stopped_at_the_budget_by_the_ledger(tmp_path, key_pairs, encrypted):
     keys = key_pairs[0]
     he = HEConfig(enabled=True, key=str(keys.secret), server_key=str(keys.server)) if encrypted else None
-    config, plan, budget = federate_with_a_forgetful_client(tmp_path, unrecognised=True, he=he)
+    config, plan, budget, _grid = federate_with_a_forgetful_client(tmp_path, unrecognised=True, he=he)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 1]
     reasons = {f["node"]: f["reason"] for f in metrics["rounds"][2]["failures"]}

@@ -2,7 +2,8 @@
 
 Replies carry ``arrays`` (the locally trained weights; with ``--he`` an encrypted, example-weighted
 update, see ``encryption.py``) and ``metrics`` with ``num-examples`` (the aggregation weight) plus
-``train_loss`` or ``eval_loss``/``eval_accuracy``. A query message is answered with ``num-examples``.
+``train_loss`` or ``eval_loss``/``eval_accuracy``. A query message is answered with ``num-examples``,
+or with the node's client id when it asks for its identity (the DP ledger's question).
 """
 
 from __future__ import annotations
@@ -99,7 +100,14 @@ def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
 
 
 def query_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
-    """Answer the coordinator's question about this node: its number of training examples."""
+    """Answer the coordinator's question about this node: the client id it trains under (DP ledgers),
+    or its number of training examples."""
+    from ..privacy.protocol import IDENTIFY, identity_answer
+
+    if IDENTIFY in msg.content:
+        from ..privacy.client import client_id_of
+
+        return Message(identity_answer(client_id_of(context)), reply_to=msg)
     pid, num = node_partition(context, runtime.config)
     metrics = MetricRecord({NUM_EXAMPLES: len(_client_data(runtime, pid, num, _node_data_path(context)).train)})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

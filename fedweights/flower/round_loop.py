@@ -58,13 +58,13 @@ class RoundHooks:
         """Called once after the final model is saved and the run is marked completed."""
 
 
-def build_hooks(runtime: Runtime, run_dir: RunDir) -> list[RoundHooks]:
+def build_hooks(runtime: Runtime, run_dir: RunDir, grid: Grid) -> list[RoundHooks]:
     """The hooks a run's config asks for (privacy ledger, checkpoints, publishing, …)."""
     hooks: list[RoundHooks] = []
     if runtime.config.dp.enabled:
         from ..privacy.server import PrivacyHooks
 
-        hooks.append(PrivacyHooks(runtime, run_dir))
+        hooks.append(PrivacyHooks(runtime, run_dir, grid))
     if runtime.config.user_dp.enabled:
         from ..privacy.user_level_report import UserLevelPrivacyFile  # imports RoundHooks from here
 
@@ -124,8 +124,8 @@ def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichRepor
         run_id, first_round, arrays = uuid.uuid4().hex[:12], 1, ArrayRecord(model.state_dict())
         announce_archive(reporter, archive_previous_run(run_dir.path, keep=own_keys(config, run_dir.path)))
         run_dir.start(config, run_id=run_id)
-    hooks = [CheckpointHooks(run_dir, run_id, state), *build_hooks(runtime, run_dir), *hooks]
     grid = BoundedNodeWait(grid)
+    hooks = [CheckpointHooks(run_dir, run_id, state), *build_hooks(runtime, run_dir, grid), *hooks]
     reporter.run_started(config.rounds, config.clients, str(run_dir.path))
     stopped: dict[str, str] = {}
     try:

@@ -1,6 +1,8 @@
 """What a DP client tells the coordinator about its privacy spend, in a train reply, and what the
 coordinator tells a client it recognises about its account (:data:`LEDGER_ACCOUNT`, in the train
 message: the history its ledger holds, so a client that lost its accountant state resumes from it).
+A node the coordinator does not recognise (a Flower node id its ledger never saw) is first asked
+its client id in a query message (:data:`IDENTIFY`; the reply holds :data:`IDENTITY`).
 
 A trained reply carries a ``ConfigRecord`` under :data:`PRIVACY` next to its arrays and metrics
 (the keys of :class:`ClientSpend`). A client whose next round would exceed its budget does not
@@ -14,7 +16,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from .accounting import Entry, as_entries
 from .ledger import format_epsilon
@@ -22,6 +24,8 @@ from .ledger import format_epsilon
 PRIVACY = "privacy"  # RecordDict key of the ConfigRecord holding a ClientSpend
 BUDGET_EXHAUSTED = 4030  # Flower Error code: the client's privacy budget does not allow another round
 LEDGER_ACCOUNT = "fedweights.ledger-account"  # train-message ConfigRecord: {"client", "history"}
+IDENTIFY = "fedweights.identify"  # query-message ConfigRecord: which client id trains on this node?
+IDENTITY = "fedweights.identity"  # its reply's ConfigRecord: {"client"}
 
 _EXHAUSTED = re.compile(r"^privacy budget exhausted: client (?P<client>\S+) has spent epsilon=(?P<spent>[0-9.eE+-]+)")
 
@@ -62,6 +66,23 @@ class ClientSpend:
 def ledger_account_record(client_id: str, history: list[Entry]) -> ConfigRecord:
     """The coordinator's account of ``client_id`` (its ledger history), for a train message."""
     return ConfigRecord({"client": client_id, "history": _encode(history)})
+
+
+def identity_question() -> RecordDict:
+    """A query message's content asking a node for the client id it trains under."""
+    return RecordDict({IDENTIFY: ConfigRecord({})})
+
+
+def identity_answer(client_id: str) -> RecordDict:
+    """A node's reply to :func:`identity_question`."""
+    return RecordDict({IDENTITY: ConfigRecord({"client": client_id})})
+
+
+def identity_of(reply: Message) -> str | None:
+    """The client id in a reply to :func:`identity_question` (None: an error, or no answer in it)."""
+    if reply.has_error() or IDENTITY not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records[IDENTITY].get("client", "")) or None
 
 
 def ledger_history(content: RecordDict, client_id: str) -> list[Entry]:

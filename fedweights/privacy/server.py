@@ -14,7 +14,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
 from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
@@ -26,6 +27,8 @@ from .protocol import (
     LEDGER_ACCOUNT,
     PRIVACY,
     ClientSpend,
+    identity_of,
+    identity_question,
     ledger_account_record,
     parse_exhausted_reason,
 )
@@ -38,8 +41,9 @@ BUDGET_RTOL = 1e-6  # clients check the same ε computation against the budget: 
 class PrivacyHooks(RoundHooks):
     """Round-loop hooks of a DP run: the privacy ledger and the privacy reports."""
 
-    def __init__(self, runtime: Runtime, run_dir: RunDir) -> None:
+    def __init__(self, runtime: Runtime, run_dir: RunDir, grid: Grid) -> None:
         self.config = runtime.config
+        self.grid = grid  # to ask nodes it does not recognise which client they are
         self.run_path = run_dir.path
         self.run_id = str(run_dir.read_metrics().get("run_id", ""))
         self.ledger = Ledger(run_dir.path)
@@ -51,7 +55,10 @@ class PrivacyHooks(RoundHooks):
 
     def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
         """Tell each node this ledger recognises (by node id) the history it holds for its client,
-        so a client that lost its accountant state checks its budget against the full account."""
+        so a client that lost its accountant state checks its budget against the full account.
+        While an account has no connected node, nodes never seen before are first asked their client
+        id (a node that came back under a new node id, e.g. after a SuperLink lost its database)."""
+        self._identify([msg.metadata.dst_node_id for msg in messages])
         for msg in messages:
             client = self.client_of_node.get(str(msg.metadata.dst_node_id))
             if client is not None and self.histories.get(client):
@@ -93,6 +100,24 @@ class PrivacyHooks(RoundHooks):
         """Write privacy.json and report.html (with user-level DP too: the user-level hook does)."""
         if not self.config.user_dp.enabled:
             write_reports(run_dir.path)
+
+    def _identify(self, nodes: list[int]) -> None:
+        unknown = [node for node in nodes if str(node) not in self.client_of_node]
+        if not unknown:
+            return
+        connected = {str(node) for node in self.grid.get_node_ids()}
+        claimed = {client for node, client in self.client_of_node.items() if node in connected}
+        if not set(self.histories) - claimed:  # every account has its node: nothing to look up
+            return
+        question = identity_question()
+        queries = [Message(question, message_type=MessageType.QUERY, dst_node_id=node) for node in unknown]
+        for reply in self.grid.send_and_receive(queries, timeout=self.config.round_timeout):
+            client = identity_of(reply)
+            if client is not None:
+                self.client_of_node[str(reply.metadata.src_node_id)] = client
+            else:  # it still trains; the coordinator's budget check covers it (_flag_over_budget)
+                reason = reply.error.reason if reply.has_error() else "no client id in its reply"
+                log.warning("node %s did not say which client it is (%s)", reply.metadata.src_node_id, reason)
 
     # ------------------------------------------------------------------ records
 
