@@ -3,6 +3,7 @@ and ClientApp code (``LocalGrid``: nodes in this process, no Ray)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -263,6 +264,56 @@ def test_custom_strategy_state_is_captured_through_state_dict_or_refused():
     fresh = CounterWithState()
     StrategyState(fresh).restore(tree, blobs)
     assert fresh.loaded["rounds"] == 3 and np.array_equal(fresh.loaded["norms"], np.arange(4.0))
+
+
+class Sampler(FedAvg):
+    """A custom strategy with the state users keep: sets, counters, defaultdicts and random streams."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen, self.frozen = set(), frozenset()
+        self.counts = collections.defaultdict(int)
+        self.votes, self.order = collections.Counter(), collections.OrderedDict()
+        self.rng, self.pyrng = np.random.default_rng(0), random.Random(0)
+        self.legacy, self.mt = np.random.RandomState(0), np.random.Generator(np.random.MT19937(0))
+        self.notes = collections.defaultdict(lambda: "none")  # its factory cannot be saved
+        self.log = Note()
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        self.seen.add(server_round)
+        self.frozen |= {str(server_round)}
+        self.counts["rounds"] += 1
+        self.votes["a"] += 2
+        self.order["r"] = server_round
+        self.draws = [self.rng.random(), self.pyrng.random(), self.legacy.rand(), self.mt.random()]
+        return super().aggregate_train(server_round, replies)
+
+
+class Note:
+    """A plain object, changed in place."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+
+def test_sets_counters_defaultdicts_and_random_streams_survive_a_checkpoint():
+    strategy = Sampler()
+    state = StrategyState(strategy)
+    strategy.aggregate_train(1, [])
+    _, _, uncaptured = state.capture()
+    assert uncaptured == []  # the lambda defaultdict and the object are unchanged so far
+    strategy.notes["x"], _ = "y", strategy.log.lines.append("changed in place, same object")
+    tree, blobs, uncaptured = state.capture()
+    assert uncaptured == ["Sampler.notes (defaultdict)", "Sampler.log (Note)"]
+
+    fresh = Sampler()
+    StrategyState(fresh).restore(json.loads(json.dumps(tree)), blobs)  # the tree is JSON on disk
+    assert (fresh.seen, fresh.frozen, fresh.counts, fresh.votes) == ({1}, frozenset({"1"}), {"rounds": 1}, {"a": 2})
+    assert type(fresh.counts) is collections.defaultdict and fresh.counts["new"] == 0  # its factory is back
+    assert type(fresh.votes) is collections.Counter and type(fresh.order) is collections.OrderedDict
+    strategy.aggregate_train(2, [])
+    fresh.aggregate_train(2, [])
+    assert fresh.draws == strategy.draws  # each stream continues where it was, not from its seed
 
 
 class Tally(FedAvg):
