@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig
 from fedweights.crypto.keys import make_keys
-from fedweights.errors import ConfigError
+from fedweights.errors import ConfigError, RunFailed
 from fedweights.flower import checkpoint as ckpt
 from fedweights.flower.checkpoint import CheckpointError, load_checkpoint, resume_config, write_checkpoint
 from fedweights.flower.encryption import decrypt_model_file, is_encrypted
@@ -314,6 +314,25 @@ def test_sets_counters_defaultdicts_and_random_streams_survive_a_checkpoint():
     strategy.aggregate_train(2, [])
     fresh.aggregate_train(2, [])
     assert fresh.draws == strategy.draws  # each stream continues where it was, not from its seed
+
+
+class DropsABiasInRound2(FedAvg):
+    """A user strategy with a bug: its round-2 model lacks a tensor."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        keys = list(arrays)[:-1] if server_round == 2 else list(arrays)
+        return ArrayRecord({k: arrays[k] for k in keys}), metrics
+
+
+def test_a_malformed_model_from_a_strategy_is_never_checkpointed(tmp_path):
+    config = RunConfig(clients=2, rounds=3, out=str(tmp_path / "run"),
+                       strategy=StrategyConfig(name="tests.test_checkpoint:DropsABiasInRound2"))
+    with pytest.raises(RunFailed, match=r"round 2: DropsABiasInRound2.aggregate_train returned a new global model unlike"):
+        federate(config)
+    checkpoint = load_checkpoint(config.out)  # round 1's, whole: a resume (with the bug fixed) starts from it
+    assert checkpoint.round == 1 and list(checkpoint.arrays) == list(builtin_task(config).model_fn().state_dict())
+    assert RunDir(config.out).read_metrics()["status"] == "failed"
 
 
 class Tally(FedAvg):

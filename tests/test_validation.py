@@ -7,6 +7,7 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
+from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
 
 from .flower_messages import NodesGrid, array_record, error_reply, train_reply
@@ -91,3 +92,28 @@ def test_new_global_model_keeps_the_dtypes_of_the_old_one():
     strategy = validated(Float64Mean(min_available_nodes=1))
     arrays, _ = strategy.aggregate_train(1, [train_reply(1, update(1.0))])
     assert {a.dtype for a in arrays.values()} == {"float32"}
+
+
+class Broken(FedAvg):
+    """A user strategy whose new global model is malformed in the way ``change`` says."""
+
+    def __init__(self, change) -> None:
+        super().__init__(min_available_nodes=1)
+        self.change = change
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return self.change({k: a.numpy() for k, a in arrays.items()}), metrics
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: array_record({"w": m["w"]}), "missing ['b']"),
+    (lambda m: array_record({**m, "w": m["w"].T.copy()}), "'w' is float32[2, 3], the global model has float32[3, 2]"),
+    (lambda m: array_record({**m, "b": np.full(2, np.nan, np.float32)}), "'b' holds NaN or infinite values"),
+    (lambda m: m, "it is a dict, not an ArrayRecord"),
+])
+def test_a_malformed_new_global_model_fails_the_round_naming_the_strategy(change, message):
+    strategy = validated(Broken(change))
+    with pytest.raises(RunFailed, match="round 1: Broken.aggregate_train returned a new global model unlike the old one") as err:
+        strategy.aggregate_train(1, [train_reply(1, update(1.0))])
+    assert message in str(err.value)

@@ -11,7 +11,8 @@ Flower's DP wrappers do. A reply is excluded, with its reason logged and kept in
 
 Only accepted replies reach the wrapped strategy; replies that carry an error are dropped too
 (the round loop already reports them), so one bad client never takes a round down. The new global
-model is cast back to the dtypes of the old one.
+model must have the old one's keys, shapes and finite values (else the round fails with the
+strategy named, before anything is saved) and is cast back to the old one's dtypes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
+
+from ..errors import RunFailed
 
 REJECTED_PREFIX = "update rejected: "
 
@@ -65,7 +68,14 @@ class ValidatedStrategy(Strategy):
         for item in rejected:
             log(WARNING, "round %d: node %s: %s", server_round, item["node"], item["reason"])
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
-        return (None if arrays is None else _with_dtypes_of(self._global, arrays)), metrics
+        if arrays is None:
+            return None, metrics
+        problem = model_problem(arrays, self._global, same_dtypes=False) if isinstance(arrays, ArrayRecord) else (
+            f"it is a {type(arrays).__name__}, not an ArrayRecord")
+        if problem is not None:  # never checkpointed nor sent to clients
+            raise RunFailed(f"round {server_round}: {type(self.strategy).__name__}.aggregate_train returned a new "
+                            f"global model unlike the old one: {problem}. Fix the strategy; this round is not used")
+        return _with_dtypes_of(self._global, arrays), metrics
 
     def screen(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, str]]]:
         """Split replies into accepted ones and ``{"node", "reason"}`` records of rejected ones."""
@@ -102,22 +112,29 @@ def update_problem(reply: Message, global_arrays: ArrayRecord, max_norm: float |
     if len(records) != 1:
         return f"expected one ArrayRecord, got {len(records)}"
     arrays = next(iter(records.values()))
-    missing, extra = set(global_arrays) - set(arrays), set(arrays) - set(global_arrays)
+    problem = model_problem(arrays, global_arrays)
+    if problem is not None or max_norm is None:
+        return problem
+    squared = sum(
+        float(np.sum(np.square(arrays[k].numpy().astype(np.float64) - ref.numpy().astype(np.float64))))
+        for k, ref in global_arrays.items()
+    )
+    norm = math.sqrt(squared)
+    return None if norm <= max_norm else f"update norm {norm:.4g} exceeds max_norm {max_norm:g}"
+
+
+def model_problem(arrays: ArrayRecord, reference: ArrayRecord, same_dtypes: bool = True) -> str | None:
+    """Why ``arrays`` is not a model like ``reference`` (keys, shapes, dtypes, finite values), or None."""
+    missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
     if missing or extra:
         return f"keys differ from the global model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-    squared = 0.0
-    for key, reference in global_arrays.items():
+    for key, ref in reference.items():
         array = arrays[key]
-        if tuple(array.shape) != tuple(reference.shape) or array.dtype != reference.dtype:
-            expected = f"{reference.dtype}{list(reference.shape)}"
-            return f"'{key}' is {array.dtype}{list(array.shape)}, the global model has {expected}"
+        if tuple(array.shape) != tuple(ref.shape) or (same_dtypes and array.dtype != ref.dtype):
+            return f"'{key}' is {array.dtype}{list(array.shape)}, the global model has {ref.dtype}{list(ref.shape)}"
         values = array.numpy()
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"'{key}' holds NaN or infinite values"
-        squared += float(np.sum(np.square(values.astype(np.float64) - reference.numpy().astype(np.float64))))
-    norm = math.sqrt(squared)
-    if max_norm is not None and not norm <= max_norm:
-        return f"update norm {norm:.4g} exceeds max_norm {max_norm:g}"
     return None
 
 
