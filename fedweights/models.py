@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 
@@ -54,3 +55,22 @@ def build_model(name: str, in_features: int, num_classes: int) -> nn.Module:
     if name == "cnn":
         return SmallCNN(in_features, num_classes)
     raise ValueError(f"unknown model {name!r}; choose 'mlp' or 'cnn'")
+
+
+def fit_problem(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> str | None:
+    """Why ``model`` cannot train with cross-entropy on these examples (a batch of ``inputs`` and the
+    class ``labels`` to check), or None: inputs it rejects, non-integer labels, labels beyond its logits."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return f"labels are {labels.dtype}; cross-entropy needs integer class labels 0..C-1 (e.g. y.long())"
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises, say what it was given
+        return f"examples of shape {tuple(inputs.shape[1:])} do not fit the model ({type(exc).__name__}: {exc})"
+    if not torch.is_tensor(outputs) or outputs.dim() != 2:
+        shape = tuple(outputs.shape) if torch.is_tensor(outputs) else type(outputs).__name__
+        return f"the model must output class logits of shape (batch, classes), it output {shape}"
+    classes, low, high = outputs.shape[1], int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        return f"labels run {low}..{high}, but the model outputs {classes} class logits (labels must be 0..{classes - 1})"
+    return None

@@ -15,13 +15,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import cloudpickle
+import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import RunConfig
 from .data import dirichlet_partition, iid_partition, labels_of, load_digits_split, load_fashion_mnist
 from .errors import ConfigError, UserError
-from .models import build_model
+from .models import build_model, fit_problem
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Task:
     name: str = "custom"
 
     def check(self) -> None:
-        """Raise UserError unless ``model_fn`` builds a module and both datasets have examples."""
+        """Raise UserError unless ``model_fn`` builds a module, both datasets have examples, and the
+        model takes them: a forward pass on a few examples, integer labels within its logits."""
         if isinstance(self.model_fn, nn.Module) or not callable(self.model_fn):
             raise UserError(
                 f"Task.model_fn must be a function that builds a new model (e.g. model_fn=MyNet or "
@@ -61,6 +63,9 @@ class Task:
             data = getattr(self, name)
             if not hasattr(data, "__getitem__") or not hasattr(data, "__len__") or len(data) == 0:
                 raise UserError(f"Task.{name} must be a non-empty torch Dataset (e.g. a TensorDataset), got {type(data).__name__}")
+            problem = fit_problem(self.model_fn(), *_sample_batch(data, name))
+            if problem is not None:
+                raise UserError(f"Task.{name} does not fit Task.model_fn's model: {problem}")
 
     def client_data(self, partition_id: int, num_partitions: int, config: RunConfig) -> ClientData:
         """The train partition and test shard of client ``partition_id`` out of ``num_partitions``.
@@ -78,6 +83,22 @@ class Task:
         test_shards = iid_partition(len(self.test_data), min(n, len(self.test_data)), config.seed + 1)
         test_idx = test_shards[partition_id] if partition_id < len(test_shards) else []
         return ClientData(Subset(self.train_data, parts[partition_id].tolist()), Subset(self.test_data, list(test_idx)))
+
+
+def _sample_batch(data: Dataset, name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` examples of ``data`` as a batch, and the labels to check: all of them when
+    they are at hand (a TensorDataset, a ``targets`` attribute), else the batch's."""
+    items = [data[i] for i in range(min(size, len(data)))]
+    if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+        raise UserError(f"Task.{name} must yield (input, label) pairs, its first item is {type(items[0]).__name__}")
+    try:
+        inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
+        labels = torch.as_tensor([torch.as_tensor(y).item() for _, y in items])
+        if isinstance(data, TensorDataset) or getattr(data, "targets", None) is not None:
+            labels = torch.as_tensor(labels_of(data))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"Task.{name}: its examples cannot be batched as tensors ({exc})") from None
+    return inputs, labels
 
 
 def builtin_task(config: RunConfig) -> Task:
@@ -106,6 +127,7 @@ def import_task(spec: str, config: RunConfig) -> Task:
     task = factory(config) if inspect.signature(factory).parameters else factory()
     if not isinstance(task, Task):
         raise ConfigError("task", f"={spec!r} returned {type(task).__name__}, not fedweights.Task")
+    task.check()
     return task
 
 

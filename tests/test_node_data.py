@@ -93,7 +93,7 @@ def test_own_data_nodes_train_under_their_names_and_a_misfit_file_fails_only_its
     for round_ in metrics["rounds"]:
         assert round_["num_clients"] == 2  # node 1 (partition 0) and lab-b trained
         (failure,) = round_["failures"]
-        assert failure["node"] == "3" and "misfit.npz: examples of shape (32,) do not fit the run's model" in failure["reason"]
+        assert failure["node"] == "3" and "misfit.npz: examples of shape (32,) do not fit the model" in failure["reason"]
     ledger = Ledger(config.out).read()
     assert sorted({e["client"] for e in ledger}) == ["0", "lab-b"]
     lab_b = [e for e in ledger if e["client"] == "lab-b"]

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..errors import UserError
+from ..models import fit_problem
 
 EXPECTED = "expected an .npz with x_train, y_train[, x_test, y_test]"
 
@@ -52,15 +53,9 @@ def load_node_data(path: str) -> tuple[TensorDataset, TensorDataset]:
 def check_fits_model(path: str, train: TensorDataset, model: torch.nn.Module) -> None:
     """Raise a clear error when the examples do not fit ``model`` (input shape, number of classes)."""
     x, y = train.tensors
-    try:
-        with torch.no_grad():
-            outputs = model.eval()(x[:1])
-    except RuntimeError as exc:
-        raise UserError(f"node data {path}: examples of shape {tuple(x.shape[1:])} do not fit the run's model "
-                        f"({exc}); export the features the run trains on") from None
-    classes = outputs.shape[-1]
-    if int(y.max()) >= classes:
-        raise UserError(f"node data {path}: label {int(y.max())} found, the run's model has {classes} classes (0..{classes - 1})")
+    problem = fit_problem(model, x[:1], y)
+    if problem is not None:
+        raise UserError(f"node data {path}: {problem}; export the features and labels the run trains on")
 
 
 def _dataset(path: str, split: str, x: np.ndarray, y: np.ndarray) -> TensorDataset:
