@@ -143,3 +143,88 @@ def test_bad_input_is_refused_and_nothing_is_stored(client, registry, tmp_path):
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
     assert client.list() == [] and not list((registry.store.root / "tmp").iterdir())
     assert not list(tmp_path.glob(".x.safetensors.*")) and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_publish_refused_for_its_parent_leaves_no_trace(client, registry, tmp_path):
+    """No orphaned blob (fsck stays clean), and a payload already stored for another version is kept."""
+    save_model(tmp_path / "shared.safetensors", seed=1)
+    save_model(tmp_path / "fresh.safetensors", seed=2)
+    shared = client.push(tmp_path / "shared.safetensors", "t/dp")
+    for parent in ("t/dp:99", "t/dp:5000000000", "t/other@prod"):
+        with pytest.raises(NotFound, match=f"the parent {parent} is not in the registry"):
+            client.push(tmp_path / "fresh.safetensors", "t/fresh", parent=parent)
+
+    # A raw gRPC client that skips the client's own parent lookup: the registry checks it first.
+    with grpc.insecure_channel(registry.address) as channel:
+        stub = pb_grpc.WeightRegistryStub(channel)
+        for payload in ("fresh", "shared"):  # a new payload, and one deduplicated with t/dp:1
+            header = pb.PublishHeader(name="t/fresh", parent=pb.ModelRef(name="t/dp", version=99))
+            chunks = [pb.PublishRequest(chunk=(tmp_path / f"{payload}.safetensors").read_bytes())]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Publish(iter([pb.PublishRequest(header=header), *chunks]), metadata=[("authorization", f"Bearer {TOKEN}")])
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "the parent t/dp:99 is not in the registry: name an existing version (see `fedweights weights log t/dp`)" in info.value.details()
+
+    assert registry.store.check() == []  # what `fedweights registry fsck` reports
+    blobs = [p for p in (registry.store.root / "blobs").rglob("*") if p.is_file()]
+    assert blobs == [registry.store.blob_path(shared.sha256)] and not list((registry.store.root / "tmp").iterdir())
+    assert [(m.name, m.versions) for m in client.list()] == [("t/dp", 1)]
+    client.pull("t/dp:1", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == (tmp_path / "shared.safetensors").read_bytes()
+
+
+def test_tags_may_be_one_string_or_none(client, tmp_path):
+    save_model(tmp_path / "m.safetensors")
+    assert list(client.push(tmp_path / "m.safetensors", "m", tags="prod").manifest.tags) == ["prod"]
+    assert client.resolve("m@prod").ref == "m:1"
+    assert list(client.push(tmp_path / "m.safetensors", "m", tags=None).manifest.tags) == []
+    with pytest.raises(UserError, match="tags must be a tag or a list of tags, not 3"):
+        client.push(tmp_path / "m.safetensors", "m", tags=3)
+    with pytest.raises(UserError, match="invalid tag 7"):
+        client.push(tmp_path / "m.safetensors", "m", tags=["ok", 7])
+    assert [v.ref for v in client.log("m")] == ["m:2", "m:1"]  # the refused pushes stored nothing
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ({"round": "3"}, "round must be a whole number from 0 to 2\\*\\*32-1, not '3'"),
+        ({"round": -1}, "round must be a whole number"),
+        ({"round": True}, "round must be a whole number"),
+        ({"run_id": 3}, "run_id must be a string, not 3"),
+        ({"privacy": "dp"}, "privacy must be a PrivacyCertificate"),
+        ({"parent": 3}, "invalid reference 3"),
+        ({"name": 3}, "invalid model name 3"),
+        ({"path": None}, "the file to push must be a str or pathlib.Path, not None"),
+    ],
+)
+def test_push_refuses_arguments_of_the_wrong_type(client, tmp_path, arguments, fragment):
+    save_model(tmp_path / "m.safetensors")
+    with pytest.raises(UserError, match=fragment):
+        client.push(**{"path": tmp_path / "m.safetensors", "name": "m", **arguments})
+    assert client.list() == []
+
+
+def test_pull_and_reads_refuse_bad_arguments_before_downloading(client, tmp_path):
+    save_model(tmp_path / "m.safetensors")
+    client.push(tmp_path / "m.safetensors", "m")
+    (tmp_path / "dir").mkdir()
+    for ref in ("m:1", "nope:1"):  # refused up front: not even the registry is asked
+        with pytest.raises(UserError, match="dir is a directory: give the path of the file to write"):
+            client.pull(ref, tmp_path / "dir")
+    assert not list((tmp_path / "dir").iterdir())
+    with pytest.raises(UserError, match="cannot write .*File exists.*m.safetensors"):
+        client.pull("m:1", tmp_path / "m.safetensors" / "copy.safetensors")
+    with pytest.raises(UserError, match="chunk_size must be a whole number"):
+        client.pull("m:1", tmp_path / "copy.safetensors", chunk_size=-1)
+    with pytest.raises(UserError, match="the output file must be a str or pathlib.Path"):
+        client.pull("m:1", None)
+    for read in (client.resolve, client.log, lambda ref: client.pull(ref, tmp_path / "x.safetensors")):
+        with pytest.raises(UserError, match="invalid reference 3"):
+            read(3)
+    with pytest.raises(UserError, match="the file to verify must be a str or pathlib.Path"):
+        client.verify(3, "m:1")
+    with pytest.raises(UserError, match="missing.safetensors: no such file"):  # a Path, not only a str
+        client.diff("m:1", tmp_path / "missing.safetensors")
+    assert client.diff("m:1", tmp_path / "m.safetensors")[0].status == "same"
+    assert not (tmp_path / "copy.safetensors").exists() and not (tmp_path / "x.safetensors").exists()

@@ -112,7 +112,7 @@ class Client:
         path: str | Path,
         name: str,
         *,
-        tags: list[str] | tuple[str, ...] = (),
+        tags: str | list[str] | tuple[str, ...] | None = (),
         parent: str | None = None,
         from_run: str | Path | None = None,
         run_id: str = "",
@@ -121,18 +121,23 @@ class Client:
     ) -> Version:
         """Publish a safetensors file as the next version of ``name``.
 
-        ``parent``: ``"name:version"`` (or ``"name@tag"``), ``"none"`` for no parent, default the
-        newest version of ``name``. ``from_run``: a run directory whose id, last round and privacy
-        report fill in ``run_id``, ``round`` and ``privacy``.
+        ``tags``: one tag or a list of them. ``parent``: ``"name:version"`` (or ``"name@tag"``),
+        ``"none"`` for no parent, default the newest version of ``name``. ``from_run``: a run
+        directory whose id, last round and privacy report fill in ``run_id``, ``round`` and ``privacy``.
         """
         check_name(name)
-        tags = [check_tag(t) for t in tags]
-        if not Path(path).is_file():
+        tags = _tag_list(tags)
+        if not _path(path, "the file to push").is_file():
             raise UserError(f"file not found: {path}")
         if from_run is not None:
             run_id, round, metrics = run_info(from_run)
             check_run_model(path, from_run)  # the certificate must describe this file, not another model
             privacy = certificate_for_run(from_run, round, final=True, metrics=metrics)
+        if not isinstance(run_id, str):
+            raise UserError(f"run_id must be a string, not {run_id!r}")
+        _count(round, "round", 0)
+        if privacy is not None and not isinstance(privacy, pb.PrivacyCertificate):
+            raise UserError(f"privacy must be a PrivacyCertificate (or from_run=RUN_DIR to take it from a run), not {privacy!r}")
         header = pb.PublishHeader(
             name=name, tags=tags, run_id=run_id, round=round, privacy=privacy or unknown_certificate()
         )
@@ -168,27 +173,34 @@ class Client:
 
     def pull(self, ref: str, out: str | Path, chunk_size: int = CHUNK_SIZE) -> Version:
         """Download ``ref`` to ``out``; the file appears only if every hash matches the manifest."""
-        wanted, out = parse_ref(ref), Path(out)
+        wanted, out = parse_ref(ref), _path(out, "the output file")
+        if out.is_dir():
+            raise UserError(f"{out} is a directory: give the path of the file to write, e.g. {out / 'model.safetensors'}")
+        _count(chunk_size, "chunk_size", 1)
         stream = self._stub.Get(pb.GetRequest(ref=ref, chunk_size=chunk_size), metadata=self._metadata)
         version, hasher = None, PayloadHasher()
-        with atomic_open(out) as fh:  # replaces `out` only if every check below passes
-            for message in _translate(stream, self.address):
-                if message.WhichOneof("part") == "record":
-                    version = _version(message.record, wanted)
-                elif version is None:
-                    raise IntegrityError(f"the registry sent payload bytes for {ref} before its manifest")
-                else:
-                    hasher.update(message.chunk)
-                    fh.write(message.chunk)
-            if version is None:
-                raise IntegrityError(f"the registry sent no manifest for {ref}")
-            _check_payload(version, hasher)
+        try:
+            with atomic_open(out) as fh:  # replaces `out` only if every check below passes
+                for message in _translate(stream, self.address):
+                    if message.WhichOneof("part") == "record":
+                        version = _version(message.record, wanted)
+                    elif version is None:
+                        raise IntegrityError(f"the registry sent payload bytes for {ref} before its manifest")
+                    else:
+                        hasher.update(message.chunk)
+                        fh.write(message.chunk)
+                if version is None:
+                    raise IntegrityError(f"the registry sent no manifest for {ref}")
+                _check_payload(version, hasher)
+        except OSError as exc:  # e.g. a parent of `out` is a file, or the disk is full
+            raise UserError(f"cannot write {out}: {exc}") from None
         return version
 
     def resolve(self, ref: str) -> Version:
         """The manifest of ``name``, ``name:version`` or ``name@tag``."""
+        wanted = parse_ref(ref)
         response = self._call(self._stub.Resolve, pb.ResolveRequest(ref=ref))
-        return _version(response.record, parse_ref(ref))
+        return _version(response.record, wanted)
 
     def list(self) -> list[ModelSummary]:
         """Every model name with its number of versions and newest version."""
@@ -209,7 +221,7 @@ class Client:
 
     def verify(self, path: str | Path, ref: str) -> tuple[Version, list[str]]:
         """Compare a local file with a published version: (version, list of differences)."""
-        digest = digest_file(path)
+        digest = digest_file(_path(path, "the file to verify"))
         version = self.resolve(ref)
         return version, payload_mismatches(version.manifest, digest)
 
@@ -235,20 +247,23 @@ class Client:
 
     # ----------------------------------------------------------- helpers
 
-    def _local(self, ref: str, tmp: Path) -> Path:
-        if Path(ref).is_file():
+    def _local(self, ref: str | Path, tmp: Path) -> Path:
+        if _path(ref, "each side of a diff (a ref or a file)").is_file():
             return Path(ref)
-        if ref.startswith(("/", ".", "~")) or ref.endswith(".safetensors"):  # never a model name or a ref
+        if not isinstance(ref, str) or ref.startswith(("/", ".", "~")) or ref.endswith(".safetensors"):  # not a ref
             raise UserError(f"{ref}: no such file (a published version is written NAME:VERSION or NAME@TAG)")
         self.pull(ref, tmp)
         return tmp
 
     def _parent_ref(self, parent: str) -> pb.ModelRef:
+        """The parent's exact version, resolved before anything is uploaded (NotFound if it does not exist)."""
         if parent == "none":
             return pb.ModelRef()
-        ref = parse_ref(parent)
-        version = ref.version if ref.version is not None else self.resolve(parent).manifest.version
-        return pb.ModelRef(name=ref.name, version=version)
+        try:
+            manifest = self.resolve(parent).manifest
+        except NotFound:
+            raise NotFound(f"the parent {parent} is not in the registry: name an existing version, or 'none' for no parent") from None
+        return pb.ModelRef(name=manifest.name, version=manifest.version)
 
     def _call(self, method, request, timeout: float | None = -1.0):
         try:
@@ -259,6 +274,30 @@ class Client:
 
 def _version(record: pb.ManifestRecord, wanted: Ref) -> Version:
     return Version(decode(record, expect=wanted), record.digest)
+
+
+def _tag_list(tags: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``tags`` checked, as a list: one string is one tag, None is no tags."""
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, (list, tuple, set, frozenset)):
+        raise UserError(f"tags must be a tag or a list of tags, not {tags!r}")
+    return [check_tag(t) for t in tags]
+
+
+def _path(value: str | Path, what: str) -> Path:
+    """``value`` as a Path; UserError if it is not a str or path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UserError(f"{what} must be a str or pathlib.Path, not {value!r}")
+    return Path(value)
+
+
+def _count(value: int, what: str, minimum: int) -> None:
+    """UserError unless ``value`` is an int (not a bool) of at least ``minimum`` that fits the wire format."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**32:
+        raise UserError(f"{what} must be a whole number from {minimum} to 2**32-1, not {value!r}")
 
 
 def _with_path(exc: Exception, path) -> Exception:

@@ -53,7 +53,7 @@ class Ref:
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid model name, else raise UserError saying why."""
-    if not name or len(name) > MAX_NAME or not NAME_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not NAME_PATTERN.fullmatch(name):
         raise UserError(
             f"invalid model name {name!r}: use letters, digits, '.', '_', '-', and '/' between parts "
             f"(at most {MAX_NAME} characters, starting with a letter or digit)"
@@ -63,7 +63,7 @@ def check_name(name: str) -> str:
 
 def check_tag(tag: str) -> str:
     """Return ``tag`` if valid (starts with a letter, so it never reads as a version number)."""
-    if not TAG_PATTERN.fullmatch(tag) or len(tag) > 100:
+    if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag) or len(tag) > 100:
         raise UserError(f"invalid tag {tag!r}: start with a letter; then letters, digits, '.', '_', '-'")
     if tag == LATEST:
         raise UserError(f"the tag {LATEST!r} is reserved: 'name@{LATEST}' always means the newest version")
@@ -72,6 +72,8 @@ def check_tag(tag: str) -> str:
 
 def parse_ref(text: str) -> Ref:
     """Parse ``name``, ``name:version`` or ``name@tag`` (raise UserError on bad input)."""
+    if not isinstance(text, str):
+        raise UserError(f"invalid reference {text!r}: write NAME, NAME:VERSION or NAME@TAG as a string")
     if ":" in text:
         name, _, version = text.rpartition(":")
         if not version.isdigit() or not 1 <= int(version) < 2**63:  # the index stores 64-bit integers

@@ -38,6 +38,7 @@ class RegistryServicer(pb_grpc.WeightRegistryServicer):
             check_name(header.name)
             for tag in header.tags:
                 check_tag(tag)
+            self.store.check_parent(header)  # before any byte is stored: a refused publish leaves no blob
             upload = self.store.upload()
             try:
                 expected = _receive(request_iterator, upload, header.sha256)

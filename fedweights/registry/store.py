@@ -126,6 +126,16 @@ class WeightStore:
         """Start receiving a payload."""
         return Upload(self)
 
+    def check_parent(self, header: pb.PublishHeader) -> None:
+        """Raise NotFound unless the header's explicit parent, if any, is in the index.
+
+        Called before the payload is stored, so a refused publish leaves no blob behind; versions
+        are never deleted, so the parent is still there when ``add_version`` runs.
+        """
+        if header.HasField("parent"):
+            with self._connect() as db:
+                self._parent_digest(db, header.parent)
+
     def add_version(self, name: str, header: pb.PublishHeader, digest: PayloadDigest, publisher: str) -> pb.ManifestRecord:
         """Assign the next version of ``name`` to a committed payload, in one transaction."""
         created = Timestamp()
@@ -135,7 +145,7 @@ class WeightStore:
             try:
                 (latest,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE name = ?", (name,)).fetchone()
                 parent = header.parent if header.HasField("parent") else pb.ModelRef(name=name, version=latest)
-                parent_digest = self._row(db, Ref(parent.name, parent.version)).digest if parent.version else ""
+                parent_digest = self._parent_digest(db, parent)
                 manifest = pb.WeightManifest(
                     name=name, version=latest + 1, sha256=digest.sha256, size_bytes=digest.size_bytes,
                     tensors=tensor_entries(digest), parent=parent if parent.version else None,
@@ -235,6 +245,18 @@ class WeightStore:
             if blob.name not in referenced:
                 problems.append(f"payload {blob.name} belongs to no version in the index (an index entry was lost?)")
         return problems
+
+    def _parent_digest(self, db: sqlite3.Connection, parent: pb.ModelRef) -> str:
+        """The digest of the parent's manifest ('' for no parent); NotFound if it is not in the index."""
+        if not parent.version:
+            return ""
+        try:
+            return self._row(db, Ref(parent.name, parent.version)).digest
+        except NotFound:
+            raise NotFound(
+                f"the parent {parent.name}:{parent.version} is not in the registry: name an existing version "
+                f"(see `fedweights weights log {parent.name}`), or publish without a parent"
+            ) from None
 
     def _row(self, db: sqlite3.Connection, ref: Ref) -> pb.ManifestRecord:
         if ref.version is not None:
