@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from .fileio import _fsync_dir
 
 ARCHIVE_DIR = "archive"
@@ -73,4 +75,4 @@ def _run_id_of(path: Path) -> str:
 def announce_archive(reporter, archived: Path | None) -> None:
     """Tell the user where an earlier run's results went (a ``RichReporter``)."""
     if archived is not None:
-        reporter.console.print(f"[yellow]a new run: the previous run's results moved to {archived}[/yellow]")
+        reporter.console.print(f"[yellow]a new run: the previous run's results moved to {escape(str(archived))}[/yellow]")

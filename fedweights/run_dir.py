@@ -110,8 +110,9 @@ class RunDir:
             data = json.loads(self.metrics_path.read_text())
         except ValueError as exc:
             raise UserError(f"{self.metrics_path} is damaged ({exc}); it was not written by fedweights as it is") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{self.metrics_path} is damaged (a JSON object was expected, got {type(data).__name__})")
+        problem = _shape_problem(data)
+        if problem is not None:
+            raise UserError(f"{self.metrics_path} is damaged ({problem}); it was not written by fedweights as it is")
         return data
 
     def save_model(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -143,3 +144,18 @@ def _finite_or_none(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_finite_or_none(v) for v in obj]
     return obj
+
+
+def _shape_problem(data: Any) -> str | None:
+    """What is wrong with metrics.json's structure (None: an object whose known parts have their types)."""
+    if not isinstance(data, dict):
+        return f"a JSON object was expected, got {type(data).__name__}"
+    for key, kind in (("rounds", list), ("failed_attempts", list), ("config", dict)):
+        if key in data and not isinstance(data[key], kind):
+            return f"{key!r} should be a JSON {'array' if kind is list else 'object'}, got {type(data[key]).__name__}"
+    if not all(isinstance(r, dict) and isinstance(r.get("round"), int) for r in data.get("rounds", [])):
+        return "every entry of 'rounds' should be an object with an integer 'round'"
+    default = RunConfig()
+    sections = {f.name for f in dataclasses.fields(default) if dataclasses.is_dataclass(getattr(default, f.name))}
+    bad = [k for k, v in data.get("config", {}).items() if k in sections and not isinstance(v, dict)]
+    return f"config section {bad[0]!r} should be a JSON object" if bad else None

@@ -37,7 +37,7 @@ def dp_run(tmp_path):
     run.start(RunConfig(clients=2, rounds=3, dp=DPConfig(enabled=True, noise_multiplier=1.0, max_epsilon=3.0)), "r1")
     ledger = Ledger(tmp_path)
     for r in (1, 2, 3):
-        run.append_round(RoundRecord(r, 1.0, 1.0, 0.3 * r, 2, 0.1))
+        run.append_round(RoundRecord(r, 1.0, 1.0, 0.3 * r, 2 if r < 3 else 1, 0.1))  # round 3: client 1 refused
         ledger.append([trained(r, "0", 23 * r)])
         if r < 3:
             ledger.append([trained(r, "1", 23 * r)])
@@ -110,6 +110,40 @@ def test_report_refuses_a_ledger_whose_last_line_was_edited_or_dropped(cli, dp_r
     assert cli("report", str(dp_run))[0] == 0
     Ledger(dp_run).append([trained(4, "0", 23 * 4)])
     assert cli("report", str(dp_run))[0] == 0
+
+
+def test_without_its_seal_the_ledger_is_checked_against_the_rounds_metrics_json_records(cli, dp_run):
+    """Deleting or damaging privacy.json must not make a shortened ledger acceptable: every update a
+    round used (metrics.json) has its ledger line, and a damaged seal is reported, not overwritten."""
+    path = dp_run / LEDGER_FILE
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert cli("report", str(dp_run))[0] == 0
+    (dp_run / "privacy.json").write_text("garbage")
+    code, _, err = cli("report", str(dp_run))
+    assert code == 2 and "privacy.json is damaged" in err and "move it aside" in err
+    assert (dp_run / "privacy.json").read_text() == "garbage"  # left as it was found
+
+    (dp_run / "privacy.json").unlink()
+    path.write_bytes(b"".join(lines[:-2]))  # round 3's trained line and the refusal after it, dropped
+    code, _, err = cli("report", str(dp_run))
+    assert code == 2 and "holds 0 accounted line(s) for round 3, but metrics.json says that round used 1" in err
+    assert not (dp_run / "privacy.json").exists()
+
+    path.write_bytes(b"")  # every line gone
+    code, _, err = cli("report", str(dp_run))
+    assert code == 2 and "holds no lines, but metrics.json records 3 round(s) of this --dp run" in err
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda m: {**m, "rounds": "oops"}, "'rounds' should be a JSON array, got str"),
+    (lambda m: {**m, "rounds": [{"round": "1"}]}, "every entry of 'rounds' should be an object with an integer 'round'"),
+    (lambda m: {**m, "config": {**m["config"], "dp": None}}, "config section 'dp' should be a JSON object"),
+])
+def test_a_metrics_file_of_the_wrong_shape_is_reported_as_damaged(cli, dp_run, change, problem):
+    metrics = dp_run / "metrics.json"
+    metrics.write_text(json.dumps(change(json.loads(metrics.read_text()))))
+    code, _, err = cli("report", str(dp_run))
+    assert code == 2 and f"metrics.json is damaged ({problem})" in err and "Traceback" not in err
 
 
 def test_privacy_plan_cli_uses_the_run_accounting(cli):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from ..errors import UserError
 from . import simulate as _simulate  # noqa: F401 - registers `fedweights simulate`
 from . import he as _he  # noqa: F401 - registers `fedweights keys he`, `decrypt`, `bench he`
@@ -26,12 +28,12 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except OSError as exc:  # e.g. a file given where a folder belongs, or the other way round; a full disk
         where = f": {exc.filename}" if exc.filename else ""
         hint = PATH_HINTS.get(type(exc), "check the path")
-        err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}{where} ({hint})", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(f'{exc.strerror or exc}{where}')} ({hint})", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

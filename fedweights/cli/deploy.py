@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import UserError
 from .app import app, console, err_console, keys_app
@@ -42,7 +43,7 @@ def server_command(
         run_config = build_run_config(config, overrides or {})
     security = ServerSecurity(tls_dir, authorized_nodes, insecure)
     result = run_server(run_config, address, security, console=console, verbose=verbose)
-    console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
+    console.print(f"Run directory: [bold]{escape(str(result.run_dir))}[/bold]")
     if run_config.he.enabled:
         console.print("The global model is encrypted (model.he): a client decrypts it with "
                       "`fedweights decrypt RUN/model.he --he-key DIR/secret.ctx --out model.safetensors`.")

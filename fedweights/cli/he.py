@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import UserError
 from .app import app, bench_app, console, keys_app
@@ -56,7 +57,7 @@ def decrypt(
     state = decrypt_model_file(model, he_key)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=decryption_metadata(model))
-    console.print(f"decrypted {len(state)} tensors → [bold]{out}[/bold]")
+    console.print(f"decrypted {len(state)} tensors → [bold]{escape(str(out))}[/bold]")
 
 
 @bench_app.command("he")

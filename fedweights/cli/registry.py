@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import UserError
 from ..registry.auth import AccessPolicy, read_token
@@ -63,9 +64,9 @@ def fsck_command(root: Path = typer.Option(..., "--root", help="Store directory 
     problems = WeightStore(root, read_only=True).check()
     if problems:
         for problem in problems:
-            console.print(f"[red]✗[/red] {problem}", highlight=False)
+            console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
         raise IntegrityError(f"{len(problems)} problem(s) in {root}")
-    console.print(f"[green]✓[/green] {root}: every manifest, lineage link and payload verifies")
+    console.print(f"[green]✓[/green] {escape(str(root))}: every manifest, lineage link and payload verifies")
 
 
 @bench_app.command("registry")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .app import app, console
 from .run_options import build_run_config, run_options
@@ -24,7 +25,7 @@ def simulate_command(
     from ..progress import RichReporter
 
     result = simulate(run_config, reporter=RichReporter(console), verbose=verbose)
-    console.print(f"Run directory: [bold]{result.run_dir}[/bold]")
+    console.print(f"Run directory: [bold]{escape(str(result.run_dir))}[/bold]")
     if run_config.dp.enabled or run_config.user_dp.enabled:  # end with the privacy report and where report.html is
         from ..privacy.report import print_privacy_report
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..registry.certificate import describe_guarantee
@@ -56,7 +57,7 @@ def pull_command(
     """Download a version; the file is written only after every hash is verified."""
     with _client(registry, token_file, tls_dir) as client:
         version = client.pull(ref, out)
-    console.print(f"{version.ref} → {out} (sha256:{version.sha256}, {len(version.manifest.tensors)} tensors verified)", highlight=False)
+    console.print(f"{version.ref} → {escape(str(out))} (sha256:{version.sha256}, {len(version.manifest.tensors)} tensors verified)", highlight=False)
 
 
 @weights_app.command("list")
@@ -133,9 +134,9 @@ def verify_command(
         version, problems = client.verify(file, name)
     if problems:
         for problem in problems:
-            console.print(f"[red]✗[/red] {problem}", highlight=False)
+            console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
         raise IntegrityError(f"{file} is not {version.ref}")
-    console.print(f"[green]✓[/green] {file} is {version.ref} (sha256:{version.sha256}, {len(version.manifest.tensors)} tensors)", highlight=False)
+    console.print(f"[green]✓[/green] {escape(str(file))} is {version.ref} (sha256:{version.sha256}, {len(version.manifest.tensors)} tensors)", highlight=False)
 
 
 def _size(n: float) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from rich.markup import escape
 
 from ..errors import RunFailed
 from ..progress import RichReporter
@@ -137,7 +138,7 @@ def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichRepor
                 )
             except StopRun as stop:
                 stopped = {"stopped_early": f"round {server_round}: {stop}"}
-                reporter.console.print(f"[yellow]run stopped early[/yellow]: {stopped['stopped_early']}")
+                reporter.console.print(f"[yellow]run stopped early[/yellow]: {escape(stopped['stopped_early'])}")
                 break
             eval_metrics = _evaluate_round(grid, strategy, config, server_round, arrays, failures)
             record = RoundRecord(
@@ -180,7 +181,7 @@ def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: in
         except RunFailed as exc:
             run_dir.record_failed_attempt(server_round, attempt, str(exc))
             if attempt < attempts:
-                reporter.console.print(f"[yellow]round {server_round}, attempt {attempt} failed[/yellow]: {exc}; retrying")
+                reporter.console.print(f"[yellow]round {server_round}, attempt {attempt} failed[/yellow]: {escape(str(exc))}; retrying")
                 continue
             tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
             kept = "no round completed"

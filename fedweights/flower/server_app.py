@@ -7,6 +7,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
+from rich.markup import escape
 
 from ..errors import UserError
 from ..progress import RichReporter
@@ -30,7 +31,7 @@ def build_server_app(
         try:  # deployment: poll for replies faster than Flower's 3 s
             run_federation(FastPollGrid(grid), runtime_fn(context), reporter=reporter)
         except UserError as exc:  # a clear failure (recorded in metrics.json): no ServerApp traceback
-            (reporter or RichReporter()).console.print(f"[bold red]run failed:[/bold red] {exc}", highlight=False)
+            (reporter or RichReporter()).console.print(f"[bold red]run failed:[/bold red] {escape(str(exc))}", highlight=False)
 
     return app
 

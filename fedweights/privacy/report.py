@@ -37,10 +37,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UserError
@@ -62,6 +64,12 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     user_file = read_user_privacy(run_dir)
     metrics = RunDir(run_dir).read_metrics() if (run_dir / METRICS_FILE).exists() else {}
     if not entries:
+        used_rounds = [r for r in metrics.get("rounds", []) if r.get("num_clients")]
+        if (metrics.get("config", {}).get("dp") or {}).get("enabled") and used_rounds:
+            raise LedgerError(
+                f"{ledger.path} holds no lines, but metrics.json records {len(used_rounds)} round(s) of this --dp run "
+                "that used client updates: the ledger lost its lines; it cannot be trusted"
+            )
         if user_file is None:
             raise UserError(
                 f"{run_dir} has no privacy ledger ({LEDGER_FILE}) or {USER_PRIVACY_FILE}: "
@@ -70,6 +78,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         return _user_only_summary(metrics, user_file)
     lines = ledger.path.read_bytes().splitlines()
     _check_ledger_tail(run_dir, ledger, entries, lines)
+    _check_ledger_covers_rounds(ledger, entries, metrics)
     config = metrics.get("config", {})
     dp = config.get("dp", {})
     clients: dict[str, dict[str, Any]] = {}
@@ -121,17 +130,40 @@ def _check_ledger_tail(run_dir: Path, ledger: Ledger, entries: list[dict[str, An
                 f"{ledger.path}, line {len(entries)}: epsilon {last['epsilon']} is below the {recomputed:.6g} its own "
                 "(σ, q, steps) history gives: the line was edited; the ledger cannot be trusted"
             )
-    try:
-        sealed = json.loads((run_dir / PRIVACY_FILE).read_text())["ledger"]
-        count, digest = int(sealed["entries"]), str(sealed["last_sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+    sealed_by = run_dir / PRIVACY_FILE
+    if not sealed_by.exists():
         return  # no earlier report of this run (a new run archives the previous run's report)
+    try:
+        sealed = json.loads(sealed_by.read_text())["ledger"]
+        count, digest = int(sealed["entries"]), str(sealed["last_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(
+            f"{sealed_by} is damaged ({type(exc).__name__}: {exc}), so the ledger lines it sealed cannot be checked; "
+            f"move it aside to rebuild the report from {LEDGER_FILE} (then checked against metrics.json only)"
+        ) from None
     if len(lines) < count or hashlib.sha256(lines[count - 1]).hexdigest() != digest:
         raise LedgerError(
             f"{ledger.path} no longer holds the {count} line(s) that {PRIVACY_FILE} sealed when the run wrote it "
             f"(it has {len(lines)}; line {count} {'is missing' if len(lines) < count else 'differs'}): lines were "
             "dropped or edited; the ledger cannot be trusted"
         )
+
+
+def _check_ledger_covers_rounds(ledger: Ledger, entries: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """Every update a round used was accounted before it was used: a round of metrics.json that used
+    K updates needs K ledger lines of that round (fewer: lines were dropped, e.g. the ledger's end)."""
+    run_id = metrics.get("run_id")
+    accounted = Counter(
+        int(e["round"]) for e in entries
+        if e.get("status") in ("trained", "unaccounted") and not e.get("over_budget") and e.get("run") in (None, run_id)
+    )
+    for record in metrics.get("rounds", []):
+        used = int(record.get("num_clients") or 0)
+        if accounted[record["round"]] < used:
+            raise LedgerError(
+                f"{ledger.path} holds {accounted[record['round']]} accounted line(s) for round {record['round']}, but "
+                f"metrics.json says that round used {used} client update(s): lines were dropped; the ledger cannot be trusted"
+            )
 
 
 def read_user_privacy(run_dir: Path) -> dict[str, Any] | None:
@@ -251,7 +283,7 @@ def print_privacy_report(run_dir: str | Path, console: Console | None = None) ->
     if "clients" in summary:
         console.print(privacy_table(summary))
     if summary.get("stopped_early"):
-        console.print(f"[yellow]stopped early[/yellow]: {summary['stopped_early']}")
+        console.print(f"[yellow]stopped early[/yellow]: {escape(summary['stopped_early'])}")
     if "clients" in summary:
         console.print(f"max epsilon {format_epsilon(summary['epsilon_max'], 4)} at delta {_fmt(summary['delta'], 'g')}")
     if summary.get("user_level"):
@@ -260,8 +292,8 @@ def print_privacy_report(run_dir: str | Path, console: Console | None = None) ->
             f"user-level epsilon {format_epsilon(as_epsilon(u['epsilon']), 4)} at delta {u['delta']:g} after "
             f"{u['rounds']} round(s) (z={u['noise_multiplier']:.4g}, S={u['clipping_norm']:g}, q={u['sample_rate']:.4g})"
         )
-    console.print(f"Privacy data: {json_path.resolve()}")
-    console.print(f"Privacy report: [bold]{html_path.resolve()}[/bold]")
+    console.print(f"Privacy data: {escape(str(json_path.resolve()))}")
+    console.print(f"Privacy report: [bold]{escape(str(html_path.resolve()))}[/bold]")
     return json_path, html_path
 
 
