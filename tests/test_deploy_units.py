@@ -123,3 +123,25 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except OSError:
         return False
+
+
+def test_server_refuses_a_run_it_cannot_resume_before_starting_flower(tmp_path, serverapp_process):
+    """A completed run (or a damaged checkpoint) used to start a SuperLink, fail in the ServerApp, and
+    exit 0 because metrics.json still said "completed" from the earlier run."""
+    from fedweights.deploy.server import run_server
+    from fedweights.flower.checkpoint import CheckpointError, resume_config
+    from fedweights.flower.round_loop import run_federation
+    from fedweights.flower.runtime import Runtime
+    from fedweights.progress import RichReporter
+
+    from .local_grid import LocalGrid, node_configs
+
+    config = RunConfig(clients=2, rounds=1, out=str(tmp_path / "run"))
+    run_federation(LocalGrid(Runtime(config), node_configs(2)), Runtime(config), reporter=RichReporter())
+    with pytest.raises(CheckpointError, match="already completed all 1 round"):
+        run_server(resume_config(config.out), "127.0.0.1:9", ServerSecurity(insecure=True))
+    (manifest,) = (tmp_path / "run" / "checkpoint").glob("manifest.json")
+    manifest.write_text("{")
+    with pytest.raises(CheckpointError, match="is damaged"):
+        run_server(resume_config(config.out, {"rounds": 2}), "127.0.0.1:9", ServerSecurity(insecure=True))
+    assert not (tmp_path / "run" / "deploy").exists()  # no SuperLink was started

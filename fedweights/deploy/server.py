@@ -81,6 +81,11 @@ def run_server(
     out = Path(config.out) if config.out else default_run_dir()
     with RunLock(out) as lock:  # also guards deploy/ (the SuperLink's database) from a second server
         config = _absolute_paths(dataclasses.replace(config, out=str(out.resolve())))
+        if config.resume:  # a run it cannot resume fails here, before any Flower process starts
+            from ..flower.checkpoint import check_resumable
+
+            check_resumable(RunDir(out), config)
+        before = _written_at(out / "metrics.json")
         deploy = out / DEPLOY_DIR
         home, logs = deploy / "flwr-home", deploy / "logs"
         if security.insecure:
@@ -102,10 +107,16 @@ def run_server(
                           f"waiting for {config.wait_for_clients} client(s)")
             _stream_run(group, app_dir, console, verbose)
         metrics = RunDir(out).read_metrics() if (out / "metrics.json").exists() else {}
+        if _written_at(out / "metrics.json") == before:  # the ServerApp never got to the run: its status is old
+            metrics = {"status": "not started"}
         if metrics.get("status") != "completed":
             detail = metrics.get("error") or f"see {logs}/superlink.log"
             raise RunFailed(f"the run did not complete (status {metrics.get('status', 'not started')!r}): {detail}")
         return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+
+
+def _written_at(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:

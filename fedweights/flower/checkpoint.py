@@ -182,9 +182,9 @@ class CheckpointHooks(RoundHooks):
                         "give it state_dict()/load_state_dict() methods", ", ".join(uncaptured))  # fmt: skip
 
 
-def resume_run(run_dir: RunDir, config: RunConfig, state: StrategyState) -> ResumePoint:
-    """Reopen ``run_dir`` at its last checkpoint for ``config`` (which must allow it): restore the
-    strategy state and the ``random`` state, trim metrics.json to the checkpoint round."""
+def check_resumable(run_dir: RunDir, config: RunConfig) -> tuple[dict[str, Any], Checkpoint]:
+    """(metrics.json, last checkpoint) of ``run_dir`` if ``config`` can resume it; else CheckpointError
+    (no run, a damaged or mixed-up checkpoint, a changed setting, no rounds left). Reads only."""
     if not run_dir.metrics_path.is_file():
         raise CheckpointError(f"{run_dir.path} has no {METRICS_FILE}: it is not a fedweights run directory")
     metrics = run_dir.read_metrics()
@@ -201,6 +201,13 @@ def resume_run(run_dir: RunDir, config: RunConfig, state: StrategyState) -> Resu
             "to train longer, resume with more rounds (e.g. --rounds "
             f"{checkpoint.round + 5})"
         )
+    return metrics, checkpoint
+
+
+def resume_run(run_dir: RunDir, config: RunConfig, state: StrategyState) -> ResumePoint:
+    """Reopen ``run_dir`` at its last checkpoint for ``config`` (which must allow it): restore the
+    strategy state and the ``random`` state, trim metrics.json to the checkpoint round."""
+    _metrics, checkpoint = check_resumable(run_dir, config)
     if checkpoint.strategy_classes != state.classes:
         raise CheckpointError(
             f"the checkpoint was written by strategy {checkpoint.strategy_classes}, this run builds {state.classes}"
