@@ -111,3 +111,13 @@ def test_serve_refuses_a_port_out_of_range(tmp_path):
                                       "--token-file", str(tmp_path / "token")])
     assert result.exit_code != 0 and "PORT 0..65535" in str(result.exception)
     assert not (tmp_path / "store").exists()
+
+
+def test_diff_of_two_local_files_needs_no_registry(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDWEIGHTS_REGISTRY", raising=False)
+    save_model(tmp_path / "a.safetensors", seed=1)
+    save_model(tmp_path / "b.safetensors", seed=2)
+    result = CliRunner().invoke(app, ["weights", "diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--json"],
+                                env={"FEDWEIGHTS_REGISTRY": ""})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["l2_change"] > 0

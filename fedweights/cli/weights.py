@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..registry.certificate import describe_guarantee
 from ..registry.client import ENV_ADDRESS, ENV_TLS_DIR, ENV_TOKEN_FILE, Client
-from ..registry.diff import total_change
+from ..registry.diff import diff_files, total_change
 from ..registry.manifest import IntegrityError
 from .app import app, console
 
@@ -106,8 +106,11 @@ def diff_command(
     tls_dir: Optional[Path] = TLS_DIR,
 ) -> None:
     """Per-tensor change from A to B: L2 norm of B-A and relative change ||B-A|| / ||A||."""
-    with _client(registry, token_file, tls_dir) as client:
-        changes = client.diff(a, b)
+    if Path(a).is_file() and Path(b).is_file():  # two local files: no registry needed
+        changes = diff_files(a, b)
+    else:
+        with _client(registry, token_file, tls_dir) as client:
+            changes = client.diff(a, b)
     change, relative = total_change(changes)
     if as_json:
         rows = [{**c.__dict__, "shape": list(c.shape), "relative_change": _finite(c.relative_change)} for c in changes]
