@@ -75,6 +75,8 @@ def test_simulate_he_matches_plaintext_accuracy_and_writes_encrypted_model(cli, 
     key, decrypted_path = run / "keys" / "secret.ctx", tmp_path / "m.safetensors"
     result = cli("decrypt", str(run / "model.he"), "--he-key", str(key), "--out", str(decrypted_path))
     assert result.returncode == 0, result.stderr
+    folder = cli("decrypt", str(run / "model.he"), "--he-key", str(key), "--out", str(tmp_path), "--force")
+    assert folder.returncode == 2 and "is a folder: give the file to write" in folder.stderr and "Traceback" not in folder.stderr
     decrypted, saved = load_file(str(decrypted_path)), load_file(str(run / "model.safetensors"))
     assert decrypted.keys() == saved.keys() and all((decrypted[k] == saved[k]).all() for k in saved)
     plain = load_file(str(tmp_path / "no-he" / "model.safetensors"))

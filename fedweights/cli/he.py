@@ -48,15 +48,19 @@ def decrypt(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
     """Decrypt an encrypted global model with a client's secret key."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from ..fileio import atomic_write_bytes
     from ..flower.encryption import decrypt_model_file, decryption_metadata
 
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the file to write, e.g. {out / 'model.safetensors'}")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     state = decrypt_model_file(model, he_key)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=decryption_metadata(model))
+    payload = save({k: v.contiguous() for k, v in state.items()}, metadata=decryption_metadata(model))
+    atomic_write_bytes(out, payload)  # an interrupted write never leaves a torn model at --out
     console.print(f"decrypted {len(state)} tensors → [bold]{escape(str(out))}[/bold]")
 
 
