@@ -35,10 +35,12 @@ class RunLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir).resolve()
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> RunLock:
         if os.environ.get(HELD_ENV) == str(self.run_dir):
             return self  # our parent coordinator holds it for us
+        self._created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -56,10 +58,15 @@ class RunLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock; the file stays (no unlink race)
-            self._fd = None
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if self._fd is None:
+            return
+        if exc_type is not None and self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            # a run refused before it wrote anything leaves no directory behind (we made it, moments ago)
+            (self.run_dir / LOCK_FILE).unlink()
+            self.run_dir.rmdir()
+        os.close(self._fd)  # closing the descriptor releases the lock; the file stays (no unlink race)
+        self._fd = None
 
     @contextmanager
     def shared_in_process(self) -> Iterator[None]:
