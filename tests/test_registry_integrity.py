@@ -221,3 +221,25 @@ def test_fsck_reads_without_writing(client, registry, tmp_path):
     with sqlite3.connect(copy / "index.sqlite") as db:
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'versions'").fetchone() is None
     assert not (copy / "blobs").exists() and not (copy / "tmp").exists()
+
+
+def test_an_altered_manifest_is_named_by_version_and_nothing_is_built_on_it(client, registry, tmp_path):
+    for seed in (1, 2):
+        save_model(tmp_path / f"m{seed}.safetensors", seed=seed)
+        client.push(tmp_path / f"m{seed}.safetensors", "m", tags=["prod"] if seed == 1 else [])
+
+    def rename(manifest):
+        manifest.run_id = "forged"
+
+    _edit_manifest(registry.store.root, "m", 1, rename)
+    with pytest.raises(IntegrityError, match="manifest of m:1 was altered"):  # v2's lineage runs through it
+        client.pull("m:2", tmp_path / "o.safetensors")
+    save_model(tmp_path / "m3.safetensors", seed=3)
+    with pytest.raises(IntegrityError, match="manifest of m:1 was altered"):
+        client.push(tmp_path / "m3.safetensors", "m", parent="m:1")
+    with sqlite3.connect(registry.store.root / "index.sqlite") as db:
+        db.execute("UPDATE tags SET version = 7 WHERE name = 'm' AND tag = 'prod'")
+    problems = registry.store.check()
+    assert any(p.startswith("m:1: manifest of m:1 was altered") for p in problems)
+    assert "m@prod: points at version 7, which is not in the index" in problems
+    assert not any("belongs to no version" in p for p in problems)  # both payloads are still in the index

@@ -178,10 +178,14 @@ class WeightStore:
     def versions(self, name: str) -> list[pb.ManifestRecord]:
         """Every version of ``name``, newest first, with the lineage links among them checked."""
         with self._connect() as db:
-            rows = db.execute("SELECT manifest, digest FROM versions WHERE name = ? ORDER BY version DESC", (name,)).fetchall()
+            rows = db.execute(
+                "SELECT version, manifest, digest FROM versions WHERE name = ? ORDER BY version DESC", (name,)
+            ).fetchall()
         if not rows:
             raise NotFound(f"no model named {name!r} in the registry")
-        records = [pb.ManifestRecord(manifest=m, digest=d) for m, d in rows]
+        records = [pb.ManifestRecord(manifest=m, digest=d) for _, m, d in rows]
+        for (version, _, _), record in zip(rows, records):
+            decode(record, expect=Ref(name, version))  # an altered manifest is named by its version
         check_chain(records)
         return records
 
@@ -214,44 +218,59 @@ class WeightStore:
             raise IntegrityError(f"the payload of {manifest.name}:{manifest.version} is missing from the store") from None
 
     def check(self) -> list[str]:
-        """Re-verify every manifest, lineage link and payload on disk, and that no payload is
+        """Re-verify every manifest, lineage link, tag and payload on disk, and that no payload is
         orphaned (in no version: a lost index entry); return all the problems found."""
         problems: list[str] = []
         with self._connect() as db:
-            names = [n for (n,) in db.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+            rows = db.execute("SELECT name, version, manifest, digest, sha256 FROM versions ORDER BY name, version").fetchall()
+            tags = db.execute(
+                "SELECT t.name, t.tag, t.version FROM tags t LEFT JOIN versions v ON t.name = v.name AND t.version = v.version "
+                "WHERE v.name IS NULL ORDER BY t.name, t.tag"
+            ).fetchall()
+        problems += [f"{name}@{tag}: points at version {version}, which is not in the index" for name, tag, version in tags]
+        records: dict[tuple[str, int], pb.ManifestRecord] = {}
         manifests: dict[tuple[str, int], pb.WeightManifest] = {}
-        for name in names:
+        for name, version, manifest, digest, _ in rows:
+            records[(name, version)] = pb.ManifestRecord(manifest=manifest, digest=digest)
             try:
-                manifests |= {(m.name, m.version): m for m in check_chain(self.versions(name))}
+                manifests[(name, version)] = decode(records[(name, version)], expect=Ref(name, version))
             except UserError as exc:
-                problems.append(f"{name}: {exc}")
+                problems.append(f"{name}:{version}: {exc}")
         for (name, version), manifest in manifests.items():
             parent = (manifest.parent.name, manifest.parent.version)
-            if manifest.parent.version and parent not in manifests:
+            if manifest.parent.version and parent not in records:
                 problems.append(f"{name}:{version}: its parent {parent[0]}:{parent[1]} is missing from the index")
-            path = self.blob_path(manifest.sha256)
-            if not path.is_file():
-                problems.append(f"{name}:{version}: payload {manifest.sha256} is missing")
-                continue
-            hasher = PayloadHasher()
-            try:
-                for chunk in iter_file(path):
-                    hasher.update(chunk)
-                problems += [f"{name}:{version}: {p}" for p in payload_mismatches(manifest, hasher.finish())]
-            except UserError as exc:
-                problems.append(f"{name}:{version}: payload {manifest.sha256}: {exc}")
-        referenced = {m.sha256 for m in manifests.values()}
+            elif manifest.parent.version and records[parent].digest != manifest.parent_digest:
+                problems.append(f"{name}:{version}: lineage broken: its parent {parent[0]}:{parent[1]}'s manifest "
+                                f"no longer has the digest it recorded ({manifest.parent_digest})")
+            problems += [f"{name}:{version}: {p}" for p in self._payload_problems(manifest)]
+        referenced = {sha256 for *_, sha256 in rows}  # the index's own column: an altered manifest orphans nothing
         for blob in sorted((self.root / "blobs" / "sha256").glob("*/*")):
             if blob.name not in referenced:
                 problems.append(f"payload {blob.name} belongs to no version in the index (an index entry was lost?)")
         return problems
 
+    def _payload_problems(self, manifest: pb.WeightManifest) -> list[str]:
+        path = self.blob_path(manifest.sha256)
+        if not path.is_file():
+            return [f"payload {manifest.sha256} is missing"]
+        hasher = PayloadHasher()
+        try:
+            for chunk in iter_file(path):
+                hasher.update(chunk)
+            return payload_mismatches(manifest, hasher.finish())
+        except UserError as exc:
+            return [f"payload {manifest.sha256}: {exc}"]
+
     def _parent_digest(self, db: sqlite3.Connection, parent: pb.ModelRef) -> str:
         """The digest of the parent's manifest ('' for no parent); NotFound if it is not in the index."""
         if not parent.version:
             return ""
-        try:
-            return self._row(db, Ref(parent.name, parent.version)).digest
+        try:  # decoding checks the parent's manifest: nothing is built on an altered one
+            ref = Ref(parent.name, parent.version)
+            record = self._row(db, ref)
+            decode(record, expect=ref)
+            return record.digest
         except NotFound:
             raise NotFound(
                 f"the parent {parent.name}:{parent.version} is not in the registry: name an existing version "
