@@ -97,3 +97,8 @@ def test_short_or_missing_token_files_are_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("FEDWEIGHTS_REGISTRY", raising=False)
     with pytest.raises(UserError, match="no registry address"):
         Client(None)
+
+
+def test_a_missing_tls_directory_is_named_not_a_handshake_failure(tmp_path):
+    with pytest.raises(UserError, match="TLS directory .*nosuch does not exist"):
+        Client("127.0.0.1:9", tls_dir=tmp_path / "nosuch")

@@ -59,6 +59,9 @@ def server_credentials(tls_dir: str | Path, mtls: bool) -> grpc.ServerCredential
 
 def channel_credentials(tls_dir: str | Path) -> grpc.ChannelCredentials:
     """TLS credentials of a client: trust ``ca.crt`` (system roots if absent); present a client cert if there."""
+    if not Path(tls_dir).is_dir():
+        raise UserError(f"TLS directory {tls_dir} does not exist (it should hold the registry's ca.crt, and "
+                        f"{CLIENT_CERT}/{CLIENT_KEY} for mTLS)")
     cert, key = tls_file(tls_dir, CLIENT_CERT, required=False), tls_file(tls_dir, CLIENT_KEY, required=False)
     if (cert is None) != (key is None):
         raise UserError(f"TLS directory {tls_dir} must hold both {CLIENT_CERT} and {CLIENT_KEY}, or neither")
