@@ -75,6 +75,13 @@ def test_server_and_client_refuse_insecure_or_incomplete_setups(tmp_path):
     pair.private.chmod(0o644)
     with pytest.raises(UserError, match="chmod 600"):
         ClientSecurity(root_cert=cert, node_key=pair.private).validate()
+    pair.private.chmod(0o600)
+    ClientSecurity(root_cert=cert, node_key=pair.private).validate()
+    with pytest.raises(UserError, match="not an unencrypted OpenSSH private key .that is a public key"):
+        ClientSecurity(root_cert=cert, node_key=pair.public).validate()  # not "chmod 600 it"
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    with pytest.raises(UserError, match="not an unencrypted OpenSSH private key: give the private key `fedweights keys node`"):
+        ClientSecurity(root_cert=cert, node_key=tls.server_key).validate()  # PEM, not OpenSSH: Flower's exit 302
     make_keys(tmp_path / "he")
     with pytest.raises(UserError, match="holds no secret key"):  # the coordinator's server.ctx given to a client
         NodeSettings(partition="0/2", he_key=tmp_path / "he" / "server.ctx", state_dir=tmp_path).node_config("n0")

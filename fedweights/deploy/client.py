@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from rich.console import Console
 
 from ..errors import UserError
@@ -56,8 +57,26 @@ class ClientSecurity:
                 raise UserError(f"{option} {path} does not exist")
         if self.root_cert is not None and b"BEGIN CERTIFICATE" not in Path(self.root_cert).read_bytes()[:65536]:
             raise UserError(f"--root-cert {self.root_cert} is not a PEM certificate: give the CA's ca.crt (from `fedweights keys tls`)")
-        if self.node_key is not None and Path(self.node_key).stat().st_mode & 0o077:
-            raise UserError(f"--node-key {self.node_key} is readable by others: chmod 600 it")
+        if self.node_key is not None:
+            _check_node_key(Path(self.node_key))
+
+
+def _check_node_key(path: Path) -> None:
+    """The key Flower's SuperNode loads: an OpenSSH elliptic-curve private key, readable by us alone."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        public = " (that is a public key: it goes in the server's --authorized-nodes folder)" if path.suffix == ".pub" else ""
+        raise UserError(f"--node-key {path} is not an unencrypted OpenSSH private key{public}: give the private key "
+                        f"`fedweights keys node` wrote ({type(exc).__name__}: {exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UserError(f"--node-key {path} is a {type(key).__name__.lstrip('_')}; Flower's node authentication needs "
+                        "an elliptic-curve key: make one with `fedweights keys node`")
+    if path.stat().st_mode & 0o077:
+        raise UserError(f"--node-key {path} is readable by others: chmod 600 it")
 
 
 @dataclass(frozen=True)
