@@ -310,7 +310,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Mapping[str, A
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file not found: {path}")
+            raise UserError(f"config file {'is a folder' if path.is_dir() else 'not found'}: {path} (give a TOML file)")
         try:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -99,6 +99,8 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**63:  # what Flower's records (and TOML) hold
+            raise ConfigError(key, f"must fit in 64 bits, got {value}")
         return value
     if hint in (bool, str) and isinstance(value, hint):
         return value

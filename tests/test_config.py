@@ -101,3 +101,13 @@ def test_flat_round_trip_matches_flower_run_config():
     assert RunConfig.from_flat(flat) == config
     # Flower-style dashed keys work too
     assert RunConfig.from_flat({"local-epochs": 3}).local_epochs == 3
+
+
+def test_integers_beyond_64_bits_and_folders_as_config_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'rounds' must fit in 64 bits"):
+        RunConfig(rounds=10**23).validate()
+    (tmp_path / "big.toml").write_text("rounds = 99999999999999999999999\n")
+    with pytest.raises(UserError):
+        load_config(tmp_path / "big.toml")
+    with pytest.raises(UserError, match="config file is a folder"):
+        load_config(tmp_path)

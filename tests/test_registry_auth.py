@@ -102,3 +102,8 @@ def test_short_or_missing_token_files_are_refused(tmp_path, monkeypatch):
 def test_a_missing_tls_directory_is_named_not_a_handshake_failure(tmp_path):
     with pytest.raises(UserError, match="TLS directory .*nosuch does not exist"):
         Client("127.0.0.1:9", tls_dir=tmp_path / "nosuch")
+
+
+def test_an_empty_writer_name_is_refused():
+    with pytest.raises(UserError, match="--writer got an empty name"):
+        AccessPolicy(mtls=True, writers=frozenset({"alice", " "})).validate()

@@ -16,7 +16,7 @@ def report_command(
 ) -> None:
     """Print the privacy spent per client and (re)write privacy.json and report.html in RUN_DIR."""
     if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
+        raise UserError(f"{run_dir} is a file, not a run directory" if run_dir.exists() else f"run directory not found: {run_dir}")
     from ..privacy.report import print_privacy_report  # torch, matplotlib: only when used
 
     print_privacy_report(run_dir, console)

@@ -83,6 +83,8 @@ class AccessPolicy:
             raise UserError("writes need authentication: give --token-file, or --tls-dir with --mtls")
         if self.writers and not self.mtls:
             raise UserError("--writer names TLS client certificates: it needs --tls-dir with --mtls")
+        if any(not name.strip() for name in self.writers):
+            raise UserError("--writer got an empty name: give the common name of a client certificate")
 
     def authorize(self, context: grpc.ServicerContext, write: bool) -> str:
         """The caller's identity if allowed; otherwise abort the call (UNAUTHENTICATED/PERMISSION_DENIED)."""
