@@ -111,3 +111,23 @@ def test_without_meaningful_protection_pld_reports_the_rdp_upper_bound_quickly()
                 lambda: epsilon([(1e300, 0.0222, 45)], 1e-6)):
         with pytest.raises(UserError):
             bad()
+
+
+def test_plan_json_labels_an_rdp_bound_as_people_see_it(cli_in_process):
+    """Above ε = 50 `privacy plan` reports the RDP bound under the pld accountant; its text says so,
+    and its JSON must too, so a machine never takes that number for a PLD value."""
+    import json
+
+    args = ("privacy", "plan", "-q", "0.01", "--noise-multiplier", "0.2", "--steps", "1000", "--delta", "1e-5")
+    code, out, err = cli_in_process(*args)
+    assert code == 0, err
+    assert "the RDP upper bound" in out
+    code, out, err = cli_in_process(*args, "--json")
+    assert code == 0, err
+    weak = json.loads(out)
+    assert weak["accountant"] == "pld" and weak["epsilon"] > PLD_EPSILON_CEILING
+    assert weak["epsilon_bound"] == "rdp"
+    code, out, err = cli_in_process("privacy", "plan", "-q", "0.01", "--noise-multiplier", "1", "--steps", "100",
+                                    "--delta", "1e-5", "--json")
+    assert code == 0, err
+    assert "epsilon_bound" not in json.loads(out)  # a real PLD value carries no label

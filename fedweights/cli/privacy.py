@@ -70,6 +70,8 @@ def plan_command(
         "steps": total_steps,
         "accountant": accountant,
     }
+    if _label(accountant, spent) != accountant:  # machines must see the label people see
+        result["epsilon_bound"] = "rdp"
     _show_plan(
         result, target_epsilon, as_json, "epsilon",
         f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({_label(accountant, spent)}) for {total_steps} steps "

@@ -2,8 +2,9 @@
 
 Replies carry ``arrays`` (the locally trained weights; with ``--he`` an encrypted, example-weighted
 update, see ``encryption.py``) and ``metrics`` with ``num-examples`` (the aggregation weight) plus
-``train_loss`` or ``eval_loss``/``eval_accuracy``. A query message is answered with ``num-examples``,
-or with the node's client id when it asks for its identity (the DP ledger's question).
+``train_loss`` (withheld under ``--dp``: it is not noised) or ``eval_loss``/``eval_accuracy``. A query
+message is answered with ``num-examples``, or with the node's client id when it asks for its identity
+(the DP ledger's question).
 """
 
 from __future__ import annotations
@@ -78,11 +79,17 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
     content = RecordDict(
         {
             ARRAYS: reply_arrays(state, len(data.train), msg, context, runtime, model),  # encrypted under --he
-            METRICS: MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)}),
+            METRICS: MetricRecord(train_metrics(loss, len(data.train), config.dp.enabled)),
             **privacy,
         }
     )
     return Message(content, reply_to=msg)
+
+
+def train_metrics(loss: float, num_examples: int, private: bool) -> dict[str, float | int]:
+    """A train reply's metrics. Under DP-SGD the training loss is withheld: it is computed on the raw
+    training records without noise, so sending it would release what the client's ε does not cover."""
+    return {NUM_EXAMPLES: num_examples} if private else {"train_loss": loss, NUM_EXAMPLES: num_examples}
 
 
 def evaluate_reply(msg: Message, context: Context, runtime: Runtime) -> Message:

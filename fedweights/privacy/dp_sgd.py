@@ -173,7 +173,11 @@ def train_private_round(
         proximal = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
         loss = _run_epochs(dp_model, dp_loader, dp_optimizer, criterion, plan.local_epochs, device, proximal)
     trained = {k: v.detach().cpu().clone() for k, v in dp_model._module.state_dict().items()}
-    new_history = merge_history(engine.accountant.history)
+    # Opacus' hook counts the steps taken but records q = 1/len(loader); its Poisson loader has
+    # int(1/q) batches, one fewer than planned for some n (n=93, b=1: q=1/93, 92 batches, recorded
+    # as q=1/92). Record the rate actually sampled at, so every (σ, q) key agrees with the plan's.
+    taken = sum(n for *_, n in engine.accountant.history) - sum(n for *_, n in history)
+    new_history = merge_history([*history, (plan.noise_multiplier, dp_loader.sample_rate, taken)])
     return PrivateRound(trained, loss, new_history, mode)
 
 
