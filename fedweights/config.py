@@ -64,6 +64,18 @@ class DPConfig:
                 "the planned run; lower the target or raise the budget",
             )
 
+    @property
+    def budget(self) -> float | None:
+        """The ε no client may exceed: ``max_epsilon``, else ``target_epsilon``. The noise is
+        calibrated for the planned run to spend at most the target, so only a round trained again
+        (a retried attempt, a resumed run, more rounds on resume) would go over it."""
+        return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
+
+    @property
+    def budget_name(self) -> str:
+        """The setting :attr:`budget` comes from, as messages name it."""
+        return "max_epsilon" if self.max_epsilon is not None else "target_epsilon"
+
 
 @dataclass(frozen=True)
 class HEConfig:
@@ -128,7 +140,7 @@ class StrategyConfig:
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term on the clients
     trim_fraction: float = 0.2  # trimmed-mean: share cut from each tail, per coordinate
     byzantine: int = 0  # krum / multi-krum: malicious clients to tolerate (f)
-    krum_select: int | None = None  # multi-krum: updates to average (default: replies - byzantine)
+    krum_select: int | None = None  # multi-krum: updates to average (default: each round's replies - byzantine)
     max_norm: float | None = None  # update validation: largest accepted L2 norm of an update
 
     def validate(self, clients: int) -> None:

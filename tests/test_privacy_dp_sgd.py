@@ -162,6 +162,26 @@ def test_client_refuses_a_round_that_would_exceed_its_budget():
     assert context.state["fedweights.dp-accountant"]["json"] == state_before  # it did not train
 
 
+def test_a_target_epsilon_is_a_budget_a_retried_or_extra_round_cannot_exceed():
+    """The noise is calibrated so the planned rounds spend at most the target; a round trained
+    again (a retried attempt, a resumed run given more rounds) must not take the client past it."""
+    data = loud_data(64)  # q = 1/4, 4 steps a round
+    config = RunConfig(clients=4, rounds=2, batch_size=16, dp=DPConfig(enabled=True, target_epsilon=3.0))
+    planned = node_context({})
+    for server_round in (1, 2):
+        outcome = client_round(config, planned, server_round, data)
+        assert isinstance(outcome, PrivateOutcome)  # the planned run fits its target
+    spend = ClientSpend.from_record(outcome.records[PRIVACY])
+    assert 2.9 < spend.epsilon <= 3.0 and spend.budget == 3.0
+
+    retried = node_context({})
+    assert isinstance(client_round(config, retried, 1, data), PrivateOutcome)
+    assert isinstance(client_round(config, retried, 1, data), PrivateOutcome)  # round 1, attempt 2
+    reply = client_round(config, retried, 2, data)
+    assert isinstance(reply, Message) and reply.error.code == BUDGET_EXHAUSTED
+    assert "> target_epsilon=3." in reply.error.reason
+
+
 def test_noise_is_not_predictable_from_the_global_seed():
     plan = RoundPlan(1.0, 0.25, 4, 1.0, 16, 1, 64)
     torch.manual_seed(0)
@@ -173,3 +193,49 @@ def test_noise_is_not_predictable_from_the_global_seed():
         results.append(train_private_round(model, loud_data(), plan, [], CPU, lr=0.1, momentum=0.0).state_dict)
         assert torch.equal(torch.rand(1), next_draw)  # the global RNG is left as it was
     assert not torch.equal(results[0]["0.weight"], results[1]["0.weight"])
+
+
+def test_a_dp_client_sends_no_unnoised_training_loss(tmp_path, serverapp_process):
+    """The mean training loss is computed on the raw training records without noise: a DP client
+    that sent it would release what its ε does not cover. Only the noised update (and the example
+    count, its aggregation weight) leaves the node."""
+    from fedweights.config import DPConfig, RunConfig
+    from fedweights.flower.round_loop import run_federation
+    from fedweights.flower.runtime import Runtime
+    from fedweights.progress import RichReporter
+
+    from .local_grid import LocalGrid, node_configs
+
+    class RecordingGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+            replies = super().send_and_receive(messages, timeout=timeout)
+            self.train_metrics = getattr(self, "train_metrics", []) + [
+                dict(r.content["metrics"]) for r in replies if r.metadata.message_type == "train" and not r.has_error()
+            ]
+            return replies
+
+    config = RunConfig(clients=2, rounds=1, out=str(tmp_path / "run"), dp=DPConfig(enabled=True, noise_multiplier=1.0))
+    grid = RecordingGrid(Runtime(config), node_configs(2))
+    run_federation(grid, Runtime(config), reporter=RichReporter())
+    assert len(grid.train_metrics) == 2
+    assert all(set(metrics) == {"num-examples"} for metrics in grid.train_metrics), grid.train_metrics
+    (record,) = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert record["num_clients"] == 2 and record["train_loss"] is None
+
+
+@pytest.mark.parametrize("n", [93, 99, 20])
+def test_history_records_the_rate_opacus_samples_at(n):
+    """Opacus samples at q = 1/ceil(n/b) but its Poisson loader then has int(1/q) batches, one fewer
+    for some n (93, 99, ...), and its accountant hook records q = 1/len(loader) (1/92 for n=93). The
+    history must carry the rate actually sampled, the plan's: with another q the coordinator's ledger
+    (which adds this round's (σ, q, steps) to what it knew) counted the round twice."""
+    from fedweights.privacy.plan import round_plan
+
+    config = RunConfig(batch_size=1, dp=DPConfig(enabled=True, noise_multiplier=1.0))
+    plan = round_plan(n, config)
+    data = TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,)))
+    prior = [(1.0, plan.sample_rate, 5)]
+    result = train_private_round(nn.Linear(4, 2), data, plan, prior, torch.device("cpu"), 0.1, 0.0, "ghost")
+    ((sigma, rate, steps),) = result.history
+    assert (sigma, rate) == (1.0, plan.sample_rate)
+    assert steps - 5 in (plan.steps, plan.steps - 1)  # the batches Opacus' sampler actually drew

@@ -156,11 +156,10 @@ def calibrate_noise(
     # above the ceiling `epsilon` reports the RDP bound, so the RDP answer is the one that meets the target
     rdp = accountant == "rdp" or target_epsilon > PLD_EPSILON_CEILING
 
-    def gap(sigma: float, discretization: float = PLD_DISCRETIZATION) -> float:
+    def gap(sigma: float, discretization: float = PLD_DISCRETIZATION) -> float:  # as `epsilon` reports it
         history = [(sigma, sample_rate, steps)]
-        if rdp:
-            return _rdp_epsilon(history, delta) - target_epsilon
-        return _pld_epsilon(history, delta, discretization) - target_epsilon
+        spent = _rdp_epsilon(history, delta) if rdp else _pld_epsilon(history, delta, discretization)
+        return spent * (1 + ROUNDING_MARGIN) - target_epsilon
 
     if gap(MAX_NOISE_MULTIPLIER) > 0:
         raise UserError(

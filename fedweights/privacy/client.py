@@ -144,11 +144,11 @@ def train_privately(
     state.cover(ledger_history(msg.content, client_id))  # the coordinator's account, if it knows more
     plan = round_plan(len(data), config, state.sigma_for(config))
     delta = client_delta(len(data), dp)
-    if dp.max_epsilon is not None:
+    if dp.budget is not None:
         next_epsilon = epsilon([*state.history, plan.entry], delta, dp.accountant)
-        if next_epsilon > dp.max_epsilon:
+        if next_epsilon > dp.budget:
             spent = epsilon(state.history, delta, dp.accountant)
-            reason = exhausted_reason(client_id, spent, next_epsilon, dp.max_epsilon, delta)
+            reason = exhausted_reason(client_id, spent, next_epsilon, dp.budget, delta, dp.budget_name)
             return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
     steps_before = sum(n for *_, n in state.history)
     result = train_private_round(
@@ -170,6 +170,6 @@ def train_privately(
         local_epochs=plan.local_epochs,
         n_examples=plan.n_examples,
         grad_sample_mode=result.grad_sample_mode,
-        budget=dp.max_epsilon,
+        budget=dp.budget,
     )
     return PrivateOutcome(result.state_dict, result.train_loss, {PRIVACY: spend.to_record()})

@@ -19,7 +19,7 @@ Line schema (``v`` = 1)::
      "local_epochs": 1, "n_examples": 359, "grad_sample_mode": "ghost", "budget": 8.0 | null,
      "reason": "...",                   # exhausted/unaccounted only
      "warning": "...",                  # only when two nodes sent one client id in the round
-     "over_budget": true}               # only when ε is over max_epsilon although the client trained:
+     "over_budget": true}               # only when ε is over the budget although the client trained:
                                         # its update was not used
 
 ``exhausted`` lines record a client that refused to train (budget); ``unaccounted`` lines a

@@ -47,7 +47,7 @@ class ClientSpend:
     local_epochs: int
     n_examples: int
     grad_sample_mode: str
-    budget: float | None = None  # the client's max_epsilon, if any
+    budget: float | None = None  # the client's budget (max_epsilon, else target_epsilon), if any
 
     def to_record(self) -> ConfigRecord:
         """As a Flower ConfigRecord (history JSON-encoded; no budget key when unlimited)."""
@@ -96,11 +96,13 @@ def ledger_history(content: RecordDict, client_id: str) -> list[Entry]:
     return _decode(record["history"])
 
 
-def exhausted_reason(client_id: str, spent: float, next_epsilon: float, budget: float, delta: float) -> str:
+def exhausted_reason(
+    client_id: str, spent: float, next_epsilon: float, budget: float, delta: float, name: str = "max_epsilon"
+) -> str:
     """The error reason of a client that refuses to train because of its budget."""
     return (
         f"privacy budget exhausted: client {client_id} has spent epsilon={format_epsilon(spent, 6)} (delta={delta:g}); "
-        f"one more round would reach epsilon={format_epsilon(next_epsilon, 6)} > max_epsilon={budget:g}. "
+        f"one more round would reach epsilon={format_epsilon(next_epsilon, 6)} > {name}={budget:g}. "
         "It no longer trains in this run."
     )
 

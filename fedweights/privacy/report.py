@@ -18,7 +18,7 @@ and a terminal table — all derived from the privacy ledger and ``metrics.json`
          "budget": float | null, "exhausted": bool, "exhausted_round": int | null,
          "unaccounted": bool, "grad_sample_mode", "epsilon_by_round": {"<round>": ε},
          "shared_id_rounds": [int],   # rounds in which two nodes sent this client id (see the ledger's warning)
-         "over_budget_rounds": [int]}},  # rounds whose update was not used: over max_epsilon per the ledger
+         "over_budget_rounds": [int]}},  # rounds whose update was not used: over budget per the ledger
      "rounds": [{"round", "epsilon_max", "epsilon_mean", "trained", "exhausted"}],
      "ledger": {"file", "entries", "last_sha256"},
      "user_level": {epsilon, delta, noise_multiplier, clipping_norm, sample_rate, rounds, population, ...}}

@@ -132,7 +132,7 @@ def _epsilon_plot(summary: dict[str, Any]) -> bytes:
         xs = [r["round"] for r in rows]
         ax.plot(xs, [as_epsilon(r["epsilon_max"]) for r in rows], marker="o", ms=3, label="max over clients")
         ax.plot(xs, [as_epsilon(r["epsilon_mean"]) for r in rows], marker="o", ms=3, label="mean over clients")
-    budget = summary["settings"].get("max_epsilon")
+    budget = summary["settings"].get("max_epsilon") or summary["settings"].get("target_epsilon")
     if budget:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:g}")
     ax.set_ylim(bottom=0)

@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from ..config import DPConfig
 from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
 from ..run_dir import RoundRecord, RunDir
@@ -69,7 +70,7 @@ class PrivacyHooks(RoundHooks):
         """Append one ledger line per reply (durable before aggregation); stop when budgets are spent.
 
         Returns the updates not to use: those of clients whose ε, as the ledger accounts it, is over
-        ``max_epsilon`` although the client trained (it lost its accountant state, or two nodes
+        its budget (``max_epsilon``, else ``target_epsilon``) although the client trained (it lost its accountant state, or two nodes
         share its id). Their spend stays in the ledger."""
         records = []
         for reply in replies:
@@ -77,7 +78,7 @@ class PrivacyHooks(RoundHooks):
             if record is not None:
                 records.append({"run": self.run_id, **record})
                 self._remember(record)  # one client id sent twice in a round: the second composes onto the first
-        records = _flag_over_budget(_flag_shared_ids(records), self.config.dp.max_epsilon)
+        records = _flag_over_budget(_flag_shared_ids(records), self.config.dp.budget)
         self.ledger.append(records)  # durable before any update is used (remembered above)
         over = [r for r in records if r.get("over_budget")]
         usable = sum(not r.has_error() for r in replies) - len(over)
@@ -86,10 +87,10 @@ class PrivacyHooks(RoundHooks):
         if usable < needed and exhausted:
             raise StopRun(
                 f"{len(exhausted)} sampled client(s) have spent their privacy budget "
-                f"(max_epsilon={self.config.dp.max_epsilon}: clients {', '.join(sorted(exhausted))}) and "
+                f"({self.config.dp.budget_name}={self.config.dp.budget:g}: clients {', '.join(sorted(exhausted))}) and "
                 f"only {usable} usable update(s) remain, {needed} needed"
             )
-        return [{"node": r["node"], "reason": _over_budget_reason(r, self.config.dp.max_epsilon)} for r in over]
+        return [{"node": r["node"], "reason": _over_budget_reason(r, self.config.dp)} for r in over]
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Keep privacy.json current after every round (e.g. for a model published each round)."""
@@ -109,8 +110,7 @@ class PrivacyHooks(RoundHooks):
         claimed = {client for node, client in self.client_of_node.items() if node in connected}
         if not set(self.histories) - claimed:  # every account has its node: nothing to look up
             return
-        question = identity_question()
-        queries = [Message(question, message_type=MessageType.QUERY, dst_node_id=node) for node in unknown]
+        queries = [Message(identity_question(), message_type=MessageType.QUERY, dst_node_id=node) for node in unknown]
         for reply in self.grid.send_and_receive(queries, timeout=self.config.round_timeout):
             client = identity_of(reply)
             if client is not None:
@@ -140,7 +140,7 @@ class PrivacyHooks(RoundHooks):
                 "epsilon": max(as_epsilon(last.get("epsilon", 0.0)), spent),
                 "client_epsilon": spent,
                 "accountant": self.config.dp.accountant,
-                "budget": self.config.dp.max_epsilon,
+                "budget": self.config.dp.budget,
                 "reason": reply.error.reason,
             }
         try:
@@ -222,10 +222,10 @@ def _flag_over_budget(records: list[dict[str, Any]], budget: float | None) -> li
     return records
 
 
-def _over_budget_reason(record: dict[str, Any], budget: float) -> str:
+def _over_budget_reason(record: dict[str, Any], dp: DPConfig) -> str:
     return (
         f"client {record['client']} is over its privacy budget as the ledger accounts it: epsilon="
-        f"{format_epsilon(record['epsilon'], 6)} > max_epsilon={budget:g} (its own accountant said "
+        f"{format_epsilon(record['epsilon'], 6)} > {dp.budget_name}={dp.budget:g} (its own accountant said "
         f"{format_epsilon(record.get('client_epsilon'), 6)}: it lost its state, or two nodes share its id); "
         "its update is not used"
     )
