@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
 import pytest
 from flwr.serverapp import strategy as flwr_strategies
 
 from fedweights.config import HEConfig, RunConfig, StrategyConfig, UserDPConfig, load_config
 from fedweights.errors import ConfigError
 from fedweights.strategies import BUILTINS, ValidatedStrategy, build_strategy, check_he_compatible, is_linear
+from fedweights.strategies.multikrum import PerRoundMultiKrum
+
+from .flower_messages import error_reply, train_reply
 
 HE_ON = HEConfig(enabled=True)
 EXPECTED = {
@@ -20,7 +24,7 @@ EXPECTED = {
     "median": flwr_strategies.FedMedian,
     "trimmed-mean": flwr_strategies.FedTrimmedAvg,
     "krum": flwr_strategies.Krum,
-    "multi-krum": flwr_strategies.MultiKrum,
+    "multi-krum": PerRoundMultiKrum,  # Flower's MultiKrum, its default selection per round
 }
 
 
@@ -43,10 +47,25 @@ def test_strategy_options_reach_the_flower_classes():
     assert built("fedprox", proximal_mu=0.3).proximal_mu == 0.3
     assert built("trimmed-mean", trim_fraction=0.3).beta == 0.3
     assert built("krum", byzantine=2).num_malicious_nodes == 2
-    multi = built("multi-krum", byzantine=2)
-    assert (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 8)  # 10 sampled - 2 tolerated
+    multi = built("multi-krum", byzantine=2, krum_select=5)
+    assert isinstance(multi, flwr_strategies.MultiKrum)
+    assert (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 5)
     assert built("fedadam", server_lr=0.02).eta == 0.02
     assert build_strategy(RunConfig(strategy=StrategyConfig(max_norm=3.0))).max_norm == 3.0
+
+
+def test_multi_krum_leaves_out_the_attackers_in_a_round_with_dropouts():
+    """12 clients sampled, f = 2, but only 8 replied (6 honest, 2 attackers) and one crashed: a
+    selection fixed at 12 - 2 = 10 averaged every reply, attackers included; per round it is 8 - 2."""
+    multi = build_strategy(RunConfig(clients=12, strategy=StrategyConfig(name="multi-krum", byzantine=2))).strategy
+    honest = [train_reply(n, {"w": np.full(3, 1.0 + 0.01 * n)}) for n in range(1, 7)]
+    attackers = [train_reply(n, {"w": np.full(3, 100.0)}) for n in (7, 8)]
+    arrays, _ = multi.aggregate_train(1, [*honest, *attackers, error_reply(9)])
+    assert multi.num_nodes_to_select == 6
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 1.035))  # the mean of the honest six
+    fixed = built("multi-krum", byzantine=2, krum_select=8)
+    arrays, _ = fixed.aggregate_train(1, [*honest, *attackers])
+    assert arrays["w"].numpy()[0] > 10  # a count the user fixed is kept (here it lets them in)
 
 
 def test_linearity_is_declared_for_every_builtin():

@@ -17,12 +17,12 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     Krum,
-    MultiKrum,
     Strategy,
 )
 
 from ..config import RunConfig, StrategyConfig
 from ..errors import ConfigError
+from .multikrum import PerRoundMultiKrum
 
 LINEAR_ATTRIBUTE = "linear_in_updates"
 """Class attribute a custom strategy sets to True when its aggregate is a linear function of the
@@ -44,9 +44,7 @@ def _no_options(_s: StrategyConfig, _c: RunConfig) -> dict[str, Any]:
 
 
 def _multikrum_options(s: StrategyConfig, c: RunConfig) -> dict[str, Any]:
-    sampled = max(1, int(c.clients * c.fraction_train))
-    select = s.krum_select if s.krum_select is not None else max(1, sampled - s.byzantine)
-    return {"num_malicious_nodes": s.byzantine, "num_nodes_to_select": select}
+    return {"num_malicious_nodes": s.byzantine, "num_nodes_to_select": s.krum_select}  # None: replies - f
 
 
 BUILTINS: dict[str, BuiltinStrategy] = {
@@ -83,7 +81,7 @@ BUILTINS: dict[str, BuiltinStrategy] = {
         "the one update closest to its neighbours, tolerating strategy.byzantine attackers",
     ),
     "multi-krum": BuiltinStrategy(
-        MultiKrum,
+        PerRoundMultiKrum,
         False,
         _multikrum_options,
         "mean of the strategy.krum_select updates with the best Krum scores",
