@@ -71,3 +71,39 @@ def test_two_clients_over_tls_with_node_auth(tmp_path, registry, monkeypatch):  
         assert dep.survivors() == [], "processes left behind after SIGTERM"
     finally:
         dep.close()
+
+
+def test_a_node_that_waited_for_the_server_is_not_refused_by_its_key_registration_race(tmp_path):
+    """A client started long before the server (longer than --register-wait) may reach the new
+    SuperLink just before `fedweights server` registered the node keys: that refusal is retried
+    for --register-wait seconds from then, not taken as 'key not registered' (exit 5)."""
+    from fedweights.deploy.processes import ProcessGroup, wait_healthy
+    from fedweights.deploy.federation import write_flwr_home
+    from fedweights.deploy.server import ServerSecurity, _register, _superlink_argv
+
+    dep = Deployment(tmp_path)
+    dep.make_keys(["n0"], authorized=["n0"])
+    port = free_port()
+    try:
+        dep.client("n0", f"127.0.0.1:{port}", "0/1", "--register-wait", "20")
+        time.sleep(25)  # no server yet: longer than --register-wait
+        assert dep.procs["n0"].poll() is None, dep.log("n0")
+        security = ServerSecurity(tmp_path / "tls", tmp_path / "authorized")
+        home = tmp_path / "flwr-home"
+        write_flwr_home(home, f"127.0.0.1:{port}", str(tmp_path / "tls" / "ca.crt"))
+        with ProcessGroup(tmp_path / "superlink-logs", env={"FLWR_HOME": str(home)}) as group:
+            superlink = group.start("superlink", _superlink_argv("127.0.0.1", port, tmp_path / "link.db", security))
+            wait_healthy(f"https://127.0.0.1:{port}/health", superlink, "the SuperLink")
+            deadline = time.monotonic() + 60
+            while "the server refused this node" not in dep.log("n0") and dep.procs["n0"].poll() is None:
+                assert time.monotonic() < deadline, dep.log("n0")
+                time.sleep(0.2)
+            assert dep.procs["n0"].poll() is None, dep.log("n0")  # refused once (key not yet registered) ...
+            _register(group, security.validate())  # ... as `fedweights server` does just after the start
+            deadline = time.monotonic() + 60
+            while "Activated node_id" not in group.log_tail("superlink", 200):
+                assert dep.procs["n0"].poll() is None, dep.log("n0")
+                assert time.monotonic() < deadline, group.log_tail("superlink", 40)
+                time.sleep(0.2)
+    finally:
+        dep.close()

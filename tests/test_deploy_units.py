@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import stat
+import subprocess
 import sys
 import time
 
@@ -152,3 +154,34 @@ def test_server_refuses_a_run_it_cannot_resume_before_starting_flower(tmp_path, 
     with pytest.raises(CheckpointError, match="is damaged"):
         run_server(resume_config(config.out, {"rounds": 2}), "127.0.0.1:9", ServerSecurity(insecure=True))
     assert not (tmp_path / "run" / "deploy").exists()  # no SuperLink was started
+
+
+def test_process_group_children_die_with_a_parent_killed_without_clean_up(tmp_path):
+    """kill -9 of `fedweights server` alone (not its process group) used to leave its SuperLink
+    running, holding the port and continuing the run in the run directory."""
+    script = ("import sys, time\nfrom pathlib import Path\nfrom fedweights.deploy.processes import ProcessGroup\n"
+              "group = ProcessGroup(Path(sys.argv[1]))\n"
+              "print(group.start('child', ['sleep', '60']).pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.kill()  # SIGKILL: no ProcessGroup.close
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_server_refuses_an_address_in_use_before_starting_flower(tmp_path):
+    """A SuperLink already on the port (e.g. left by a crashed server) answered the new server's
+    health check, so the new run went to the old SuperLink."""
+    from fedweights.deploy.server import run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(UserError, match=r"cannot listen there \(Address already in use\): another server"):
+            run_server(RunConfig(clients=1, rounds=1, out=str(tmp_path / "run")), address, ServerSecurity(insecure=True))
+    assert not (tmp_path / "run" / "deploy" / "logs").exists()  # no Flower process was started

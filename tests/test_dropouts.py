@@ -46,6 +46,7 @@ def test_too_few_connected_nodes_fail_the_round_within_the_timeout_and_retry_fir
         federate(config, nodes=2)
     assert time.monotonic() - started < 30  # bounded: two attempts of about round_timeout (1 s polls)
     assert "no round completed" in str(info.value)
+    assert "resume the run" not in str(info.value) and "start the run again" in str(info.value)  # no checkpoint
     metrics = RunDir(config.out).read_metrics()
     assert metrics["status"] == "failed" and "3 needed" in metrics["error"]
     assert [(a["round"], a["attempt"]) for a in metrics["failed_attempts"]] == [(1, 1), (1, 2)]

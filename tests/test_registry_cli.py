@@ -78,6 +78,8 @@ def test_errors_are_one_line_with_exit_codes(served, tmp_path, cli):
     save_model(tmp_path / "m.safetensors")
     refused = cli("weights", "push", str(tmp_path / "m.safetensors"), "--name", "x", env={"FEDWEIGHTS_REGISTRY": served["address"]})
     assert refused.returncode == 2 and "refused: publishing needs a registry token" in refused.stderr
+    assert "`weights --token-file" not in refused.stderr  # an option of the command, not of `weights`
+    assert "--token-file FILE" in refused.stderr and "$FEDWEIGHTS_REGISTRY_TOKEN_FILE" in refused.stderr
     assert "Traceback" not in refused.stderr + refused.stdout and refused.stderr.count("error:") == 1
     missing = weights(served, "verify", str(tmp_path / "m.safetensors"), "--name", "nothing:1")
     assert "nothing:1 is not in the registry" in str(missing.exception)

@@ -143,7 +143,8 @@ def run_client(
 ) -> int:
     """Run a SuperNode connected to ``server`` until it stops or we are interrupted; its exit code.
 
-    A node the server refuses is retried for ``register_wait`` seconds before giving up.
+    A node the server refuses is retried for ``register_wait`` seconds from the first refusal
+    before giving up (however long it waited for the server to come up before that).
     """
     console = console or Console()
     split_address(server, "--server")
@@ -168,7 +169,7 @@ def run_client(
     if security.node_key is not None:
         argv += ["--auth-supernode-private-key", str(Path(security.node_key).resolve())]
     console.print(f"client {name}: SuperNode connecting to {server} (logs: {state_dir / 'logs'})")
-    deadline = time.monotonic() + register_wait
+    deadline = None  # counted from the first refusal: a node may wait long for the server to come up
     while True:
         with ProcessGroup(state_dir / "logs") as group:
             supernode = group.start("supernode", argv)
@@ -182,6 +183,8 @@ def run_client(
             code = supernode.returncode
             log = group.log_tail("supernode", 40)
         refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
+        if refused and deadline is None:
+            deadline = time.monotonic() + register_wait
         if not refused or time.monotonic() >= deadline:
             break
         # A server registers node keys just after its SuperLink starts: a node that was quicker retries.

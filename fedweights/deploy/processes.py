@@ -4,11 +4,14 @@ and shutdown that leaves no orphans.
 Children stay in our process group, so Ctrl-C in a terminal or ``kill -9 -PGID`` reaches all of
 them at once. ``ProcessGroup`` owns them; used as a context manager it turns SIGINT/SIGTERM into
 ``KeyboardInterrupt`` and on exit stops every child and everything it started (SIGTERM, then
-SIGKILL after a grace period).
+SIGKILL after a grace period). On Linux a child also gets SIGTERM when we die without cleaning up
+(``kill -9 PID``, the OOM killer): a crashed server leaves no SuperLink holding its port and its
+run directory (Flower's own processes below it follow their parents).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -72,7 +75,7 @@ class ProcessGroup:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             argv, env=self.env, stdout=stdout or log, stderr=subprocess.STDOUT if stdout is None else log,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
         )
         proc._fedweights_log = log  # type: ignore[attr-defined]
         self.children[name] = proc
@@ -131,6 +134,22 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 6
             pass
         time.sleep(0.1)
     raise UserError(f"{what} did not become ready at {url} within {timeout:.0f} s")
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` (the process starting it) dies."""
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # it died before the prctl: nobody will signal us
+            os._exit(1)
+
+    return preexec
 
 
 def _interrupt(signum, _frame) -> None:

@@ -8,6 +8,8 @@ database, a private ``FLWR_HOME``, the generated Flower App and the process logs
 from __future__ import annotations
 
 import dataclasses
+import errno
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,6 +99,7 @@ def run_server(
         ca = str(Path(security.tls_dir, CA_FILE).resolve()) if security.tls_dir else None
         write_flwr_home(home, f"{connect}:{port}", ca)
         app_dir = write_app_dir(deploy / "app", config)
+        _check_port_free(host, port, address)  # or wait_healthy below could find another SuperLink there
         with ProcessGroup(logs, env={"FLWR_HOME": str(home.resolve()), **lock.hand_down()}) as group:
             superlink = group.start("superlink", _superlink_argv(host, port, deploy / DATABASE, security))
             scheme = "http" if security.insecure else "https"
@@ -113,6 +116,22 @@ def run_server(
             detail = metrics.get("error") or f"see {logs}/superlink.log"
             raise RunFailed(f"the run did not complete (status {metrics.get('status', 'not started')!r}): {detail}")
         return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+
+
+def _check_port_free(host: str, port: int, address: str) -> None:
+    """A UserError unless ``host:port`` can be listened on: a SuperLink already there (another
+    server's, or one a crashed server left behind) would take this run's nodes and its run."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink binds it
+            sock.bind(sockaddr)
+    except OSError as exc:
+        hint = (f"another server (or a SuperLink left by one that crashed) is using port {port}; stop it "
+                f"(`ss -ltnp 'sport = :{port}'` names it) or give another --address"
+                if exc.errno == errno.EADDRINUSE else "give an address of this machine, e.g. 0.0.0.0:PORT")
+        raise UserError(f"--address {address}: cannot listen there ({exc.strerror or exc}): {hint}") from None
 
 
 def _written_at(path: Path) -> int | None:

@@ -52,6 +52,6 @@ class BoundedNodeWait(GridProxy):
             raise NodeWaitTimeout(
                 f"{self._what}: only {len(nodes)} node(s) connected, {self._needed} needed "
                 f"(min_clients); waited {self._timeout:g} s (round_timeout). Start the missing client(s), "
-                "or lower --min-clients and resume the run"
+                "or lower --min-clients"
             )
         return nodes

@@ -184,7 +184,7 @@ def _train_round_with_retries(grid, strategy, runtime: Runtime, server_round: in
                 reporter.console.print(f"[yellow]round {server_round}, attempt {attempt} failed[/yellow]: {escape(str(exc))}; retrying")
                 continue
             tries = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
-            kept = "no round completed"
+            kept = "no round completed, so there is no checkpoint to resume from: start the run again"
             if server_round > 1:
                 kept = f"the checkpoint of round {server_round - 1} is kept: resume the run with --resume"
             raise RunFailed(f"{exc}{tries}. The run stopped; {kept}") from exc

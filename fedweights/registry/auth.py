@@ -104,8 +104,8 @@ class AccessPolicy:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{action} refused: the registry token is wrong")
         if cert_name:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{action} refused: client certificate {cert_name!r} may not write")
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{action} needs a registry token: `weights --token-file FILE`, "
-                      "or for runs `[publish] token_file` / $FEDWEIGHTS_REGISTRY_TOKEN_FILE")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{action} needs a registry token: `fedweights weights COMMAND ... --token-file FILE`"
+                      " or $FEDWEIGHTS_REGISTRY_TOKEN_FILE, or for runs `[publish] token_file`")
         raise AssertionError("unreachable")  # context.abort raises
 
 
