@@ -131,3 +131,16 @@ def test_plan_json_labels_an_rdp_bound_as_people_see_it(cli_in_process):
                                     "--delta", "1e-5", "--json")
     assert code == 0, err
     assert "epsilon_bound" not in json.loads(out)  # a real PLD value carries no label
+
+
+def test_plan_text_shows_the_calibrated_noise_rounded_up_on_both_lines(cli_in_process):
+    """A σ copied from either line of `privacy plan --target-epsilon` must still meet the target."""
+    import re
+
+    code, out, err = cli_in_process("privacy", "plan", "-q", "0.01", "--target-epsilon", "1", "--steps", "1200",
+                                    "--delta", "1e-5", "--accountant", "rdp")
+    assert code == 0, err
+    shown = [float(x) for x in re.findall(r"noise multiplier(?: for epsilon <= 1:)? (\d+\.\d+)", out)]
+    assert len(shown) == 2 and shown[0] == shown[1], out
+    assert shown[0] >= calibrate_noise(1.0, 0.01, 1200, 1e-5, "rdp")  # 1.6175402…
+    assert epsilon([(shown[0], 0.01, 1200)], 1e-5, "rdp") <= 1.0

@@ -75,7 +75,7 @@ def plan_command(
     _show_plan(
         result, target_epsilon, as_json, "epsilon",
         f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({_label(accountant, spent)}) for {total_steps} steps "
-        f"at sample rate {sample_rate:.6g} with noise multiplier {noise_multiplier:.6g}",
+        f"at sample rate {sample_rate:.6g} with noise multiplier {_round_up(noise_multiplier):.6g}",
     )
 
 
@@ -117,7 +117,7 @@ def _plan_user_level(population, clients_per_round, rounds, noise_multiplier, ta
         result, target_epsilon, as_json, "user-level epsilon",
         f"user-level epsilon = [bold]{format_epsilon(plan.epsilon, 6)}[/bold] at delta = {delta:g} (pld) for {rounds} "
         f"rounds sampling {clients_per_round} of {population} clients on average (q = {plan.sample_rate:.6g}) "
-        f"with noise multiplier {plan.noise_multiplier:.6g}",
+        f"with noise multiplier {_round_up(plan.noise_multiplier):.6g}",
     )
 
 
