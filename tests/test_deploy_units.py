@@ -185,3 +185,15 @@ def test_server_refuses_an_address_in_use_before_starting_flower(tmp_path):
         with pytest.raises(UserError, match=r"cannot listen there \(Address already in use\): another server"):
             run_server(RunConfig(clients=1, rounds=1, out=str(tmp_path / "run")), address, ServerSecurity(insecure=True))
     assert not (tmp_path / "run" / "deploy" / "logs").exists()  # no Flower process was started
+
+
+def test_a_log_tail_shows_only_what_the_latest_child_wrote(tmp_path):
+    """Logs are appended across restarts; a refusal (`code: 2004`) logged by an earlier SuperNode
+    attempt made a later, different failure read as 'key not registered'."""
+    group = ProcessGroup(tmp_path)
+    group.start("node", ["echo", "code: 2004 (an earlier refusal)"]).wait()
+    assert "code: 2004" in group.log_tail("node")
+    group.start("node", ["echo", "connection reset"]).wait()
+    assert group.log_tail("node") == "connection reset"
+    assert "code: 2004" in (tmp_path / "node.log").read_text()  # the log file keeps both
+    group.close()

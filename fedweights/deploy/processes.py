@@ -68,11 +68,13 @@ class ProcessGroup:
         # find those next to this Python even when its environment is not activated.
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.children: dict[str, subprocess.Popen] = {}
+        self._log_offsets: dict[str, int] = {}  # where each child's output starts in its (appended) log
         self._old_handlers: dict[int, object] = {}
 
     def start(self, name: str, argv: list[str], stdout=None) -> subprocess.Popen:
         """Start ``argv``; its output goes to ``LOG_DIR/NAME.log`` (stdout to ``stdout`` if given)."""
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self._log_offsets[name] = log.seek(0, os.SEEK_END)
         proc = subprocess.Popen(
             argv, env=self.env, stdout=stdout or log, stderr=subprocess.STDOUT if stdout is None else log,
             stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
@@ -82,9 +84,13 @@ class ProcessGroup:
         return proc
 
     def log_tail(self, name: str, lines: int = 15) -> str:
-        """The last lines a child wrote (for error messages)."""
+        """The last lines the child last started as ``name`` wrote (not earlier runs in its log file)."""
         path = self.log_dir / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
+        if not path.exists():
+            return ""
+        with path.open("rb") as log:
+            log.seek(self._log_offsets.get(name, 0))
+            text = log.read().decode(errors="replace")
         return "\n".join(text.strip().splitlines()[-lines:])
 
     def close(self) -> None:
