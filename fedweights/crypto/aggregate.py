@@ -19,6 +19,7 @@ from .codec import check_key, load_checked, make_header, max_ciphertext_bytes, t
 from .envelope import (
     EnvelopeError,
     TensorInfo,
+    enum_name,
     iter_chunks,
     layout_difference,
     layout_from_proto,
@@ -70,9 +71,7 @@ class EncryptedSum:
         if self._sum is None:
             self._sum = ciphertexts
         else:
-            add = tools(self.key).evaluator.add_inplace
-            for total, ct in zip(self._sum, ciphertexts):
-                add(total, ct)
+            self._add_all(ciphertexts)
         self.num_examples += header.num_examples
         self.num_summands += 1
         return header.num_examples
@@ -92,6 +91,25 @@ class EncryptedSum:
         )
         return pack(header, [seal_io.dump(ct) for ct in self._sum])
 
+    def _add_all(self, ciphertexts: list[Any]) -> None:
+        """Add ``ciphertexts`` into the sum, all or nothing.
+
+        SEAL refuses a sum that comes out transparent (e.g. an update that is another's negation)
+        after it has written it; every addition made is then undone, so the sum is unchanged.
+        """
+        evaluator = tools(self.key).evaluator
+        done = 0
+        try:
+            for total, ct in zip(self._sum, ciphertexts):
+                evaluator.add_inplace(total, ct)
+                done += 1
+        except Exception as exc:
+            if done < len(self._sum) and self._sum[done].is_transparent():  # SEAL wrote the refused sum
+                done += 1
+            for total, ct in zip(self._sum[:done], ciphertexts[:done]):
+                evaluator.sub_inplace(total, ct)
+            raise EnvelopeError(f"adding the update failed ({exc}); it would cancel the encryption of the sum") from None
+
     def _check_size(self, arrays: ArrayRecord) -> None:
         cts = -(-self._num_values // self.key.params.poly_modulus_degree)
         limit = cts * (max_ciphertext_bytes(self.key) + 64) + 2**20 + 64 * len(self.expect.layout)
@@ -103,7 +121,7 @@ class EncryptedSum:
         expect, params = self.expect, self.key.params
         check_key(header, self.key)
         if header.kind != pb.PAYLOAD_KIND_CLIENT_UPDATE:
-            raise EnvelopeError(f"payload kind {pb.PayloadKind.Name(header.kind)} is not a client update")
+            raise EnvelopeError(f"payload kind {enum_name(pb.PayloadKind, header.kind)} is not a client update")
         if header.server_round != expect.server_round:
             raise EnvelopeError(f"update is for round {header.server_round}, this is round {expect.server_round}")
         diff = layout_difference(layout_from_proto(header.layout), expect.layout)

@@ -204,6 +204,10 @@ def load_checked(key: HEKey, data: bytes) -> Any:
         raise EnvelopeError(f"corrupt ciphertext: {exc}") from None
     if ct.size() != 2 or ct.parms_id() != t.data_level:
         raise EnvelopeError("ciphertext has an unexpected size or modulus level (not made by fedweights)")
+    if ct.is_ntt_form():  # SEAL loads it, but a BFV sum or decryption with it would fail or be garbage
+        raise EnvelopeError("ciphertext is in NTT form, which BFV ciphertexts never are (not made by fedweights)")
+    if ct.is_transparent():  # its second polynomial is zero: the values are not encrypted at all
+        raise EnvelopeError("transparent ciphertext: the values are not encrypted (not made by fedweights)")
     return ct
 
 

@@ -113,7 +113,7 @@ def read_header(arrays: ArrayRecord) -> Header:
     if header.version != FORMAT_VERSION:
         raise EnvelopeError(f"unsupported envelope version {header.version} (this fedweights reads {FORMAT_VERSION})")
     if header.scheme != pb.SCHEME_BFV:
-        raise EnvelopeError(f"unsupported scheme {pb.Scheme.Name(header.scheme)} (expected SCHEME_BFV)")
+        raise EnvelopeError(f"unsupported scheme {enum_name(pb.Scheme, header.scheme)} (expected SCHEME_BFV)")
     if not header.slots_per_ciphertext or not header.ciphertexts_per_chunk:
         raise EnvelopeError("corrupt header: zero slots per ciphertext or ciphertexts per chunk")
     layout = layout_from_proto(header.layout)
@@ -127,6 +127,15 @@ def read_header(arrays: ArrayRecord) -> Header:
             f"for {num_ciphertexts(header)} ciphertexts ({num_chunks(header)} chunks expected)"
         )
     return header
+
+
+def enum_name(enum, value: int) -> str:
+    """The name of ``value`` in a protobuf enum, or the number when this version does not know it
+    (proto3 keeps unknown values; ``Name`` would raise a plain ValueError)."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return f"unknown ({value})"
 
 
 def num_ciphertexts(header: Header) -> int:
@@ -187,7 +196,10 @@ def load_envelope(path: str | Path) -> ArrayRecord:
         end = pos + name_len + data_len
         if end > len(data):
             raise EnvelopeError(f"{path} is truncated")
-        name = data[pos : pos + name_len].decode()
+        try:
+            name = data[pos : pos + name_len].decode()
+        except UnicodeDecodeError:
+            raise EnvelopeError(f"{path} is corrupt (an entry name is not text)") from None
         entries[name] = _entry(name, data[pos + name_len : end])
         pos = end
     return ArrayRecord(entries)

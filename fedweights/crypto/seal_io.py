@@ -31,7 +31,9 @@ class _Scratch:
         return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
 
     def write(self, data: bytes) -> None:
-        # No truncation needed: SEAL's header records the object's size, so stale bytes past it are never read.
+        # Truncate to exactly ``data``: a short (truncated) object must hit end-of-file, not be
+        # completed by the stale bytes of the larger object written before it.
+        os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
 

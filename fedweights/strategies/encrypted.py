@@ -147,7 +147,8 @@ class EncryptedFedAvg(FedAvg):
             node = reply.metadata.src_node_id
             try:
                 header = self._check_reply(reply.content)
-                self.counts[node] = header.num_examples  # the count to plan the next round's normaliser with
+                if header.num_examples >= 1:  # the count to plan the next round's normaliser with
+                    self.counts[node] = header.num_examples
                 planned = self._planned.get(node, 0)
                 if header.num_examples > planned:
                     raise EnvelopeError(
@@ -157,6 +158,10 @@ class EncryptedFedAvg(FedAvg):
                 total.add(reply.content.array_records[self.arrayrecord_key])
             except EnvelopeError as exc:
                 self._reject(node, f"update rejected: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - untrusted bytes; the sum is unchanged (EncryptedSum.add)
+                log.exception("round %d: node %s: unreadable update", server_round, node)
+                self._reject(node, f"update rejected: unreadable update ({type(exc).__name__}: {exc})")
                 continue
             accepted.append(reply.content)
         rejected = len(self.rejected[server_round])
