@@ -95,8 +95,10 @@ class StrategyState:
                     raise StateError(f"the checkpoint holds a state_dict for {path!r}, but it has no load_state_dict()")
                 obj.load_state_dict(_decode(entry["state_dict"], blobs))
                 continue
+            excluded = _excluded(obj)  # never restored, also from a checkpoint written before it was excluded
             for name, value in entry.get("attributes", {}).items():
-                setattr(obj, name, _decode(value, blobs))
+                if name not in excluded:
+                    setattr(obj, name, _decode(value, blobs))
 
 
 def _chain(strategy: Any) -> list[tuple[str, Any]]:
@@ -110,9 +112,13 @@ def _chain(strategy: Any) -> list[tuple[str, Any]]:
     return chain
 
 
+def _excluded(obj: Any) -> set[str]:
+    return {name for cls in type(obj).__mro__
+            for name in (*vars(cls).get(EXCLUDE_ATTRIBUTE, ()), *FLOWER_ROUND_SCRATCH.get(cls, ()))}
+
+
 def _attributes(obj: Any) -> dict[str, Any]:
-    excluded = {name for cls in type(obj).__mro__
-                for name in (*vars(cls).get(EXCLUDE_ATTRIBUTE, ()), *FLOWER_ROUND_SCRATCH.get(cls, ()))}
+    excluded = _excluded(obj)
     return {k: v for k, v in vars(obj).items() if k not in excluded and k != "strategy"}
 
 

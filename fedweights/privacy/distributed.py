@@ -59,8 +59,22 @@ def clip_and_noise(
 
 
 def clip_l2(arrays: Mapping[str, np.ndarray], clipping_norm: float) -> dict[str, np.ndarray]:
-    """``arrays`` as one vector, scaled down to L2 norm ≤ ``clipping_norm`` (unchanged when within)."""
-    norm = math.sqrt(sum(float(np.sum(np.square(a))) for a in arrays.values()))
+    """``arrays`` as one vector, scaled down to L2 norm ≤ ``clipping_norm`` (unchanged when within).
+
+    Raises ValueError for NaN or infinite values: no scaling bounds them.
+    """
+    norm = l2_norm(arrays)
+    if not math.isfinite(norm):
+        raise ValueError("the update holds NaN or infinite values, it cannot be clipped")
     if norm <= clipping_norm:
         return dict(arrays)
     return {k: a * (clipping_norm / norm) for k, a in arrays.items()}
+
+
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``arrays`` as one vector; finite for any finite values (no overflow of the squares)."""
+    peak = max((float(np.max(np.abs(a))) for a in arrays.values() if np.size(a)), default=0.0)
+    if peak == 0.0 or not math.isfinite(peak):
+        return peak
+    squares = sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64) / peak))) for a in arrays.values())
+    return peak * math.sqrt(squares)

@@ -6,9 +6,11 @@ rounds than it released. Every round counts, also one whose Poisson sample was e
 run continues the account (a round run again after the checkpoint counts again).
 
 Under ``--he`` (distributed noise) a round whose sum holds only K of the n noise shares it asked
-for is accounted at the noise multiplier z·sqrt(K/n): first with K = the usable replies when
-they arrive, then with K read from the aggregate's header once it exists, so ε always accounts
-the noise actually in the released sum. ``privacy.json`` and ``report.html`` are refreshed too.
+for is accounted at the noise multiplier z·sqrt(K/n). Its model is released (sent out for
+evaluation) before K is known, since the coordinator may still reject replies while summing, so
+the round is first booked with K = 1, the least noise any released sum can hold, then with K
+read from the aggregate's header at the round's end: a run stopped in between over-reports,
+never under-reports. ``privacy.json`` and ``report.html`` are refreshed too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from flwr.app import ArrayRecord, Message
 
 from ..config import RunConfig
+from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..flower.round_loop import RoundHooks
 from ..run_dir import RoundRecord, RunDir
@@ -57,6 +60,12 @@ class UserLevelPrivacyFile(RoundHooks):
         self.run_path = run_dir.path
         self.path = run_dir.path / USER_PRIVACY_FILE
         self.history: list[Entry] = self._resumed_history() if config.resume else []  # one (z, q, 1) per round
+        self.lost = config.resume and not self.path.exists()  # the account of the rounds before is missing
+        if self.lost and self.distributed:  # its rounds' noise may have been below nominal: unknown now
+            raise UserError(
+                f"cannot resume this --user-dp --he run: {self.path} is missing, so the noise its released "
+                "rounds carried is unknown and the user-level account cannot be continued; start a new run"
+            )
         self.cohort = 0  # clients asked for a noise share this round (the coordinator's normaliser)
 
     def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
@@ -66,9 +75,11 @@ class UserLevelPrivacyFile(RoundHooks):
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Account this round before its model is released."""
         z = self.plan.noise_multiplier
-        if self.distributed:
+        if self.distributed:  # the coordinator may still reject some of them: book the least noise (K = 1)
             usable = sum(not r.has_error() for r in replies)
-            z = _effective(z, usable, max(usable, self.cohort))
+            z = _effective(z, min(usable, 1), max(usable, self.cohort))
+        if self.lost:
+            self._restore_lost(server_round)
         self._book(server_round, z)
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord) -> None:
@@ -95,6 +106,12 @@ class UserLevelPrivacyFile(RoundHooks):
         if "history" in user:
             return as_entries(user["history"])
         return [(float(user["noise_multiplier"]), float(user["sample_rate"]), 1)] * int(user["rounds"])
+
+    def _restore_lost(self, server_round: int) -> None:
+        """Resumed (central noise) without ``user_privacy.json``: rounds 1..server_round (this one
+        may have been released before the stop) count at the nominal z, the noise they all had."""
+        self.history = [(self.plan.noise_multiplier, self.plan.sample_rate, 1)] * server_round
+        self.lost = False
 
     def _book(self, server_round: int, noise_multiplier: float) -> None:
         p = self.plan

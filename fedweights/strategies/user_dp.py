@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -52,10 +52,17 @@ class UserLevelDPFedAvg(FedAvg):
     sampler : random.Random, optional
         Source of the sampling coin flips (default: the OS's CSPRNG).
     noise_rng : numpy.random.Generator, optional
-        Source of the noise (default: a generator seeded from OS entropy).
+        Source of the noise (default: a generator seeded from OS entropy). Neither it nor
+        ``sampler`` is saved in checkpoints: a resumed run draws fresh noise, so a round run again
+        after a restart never repeats the noise of a model it may already have released, and the
+        checkpoint does not hold what it takes to predict the noise.
     **fedavg_kwargs
         Passed to ``FedAvg`` (evaluation sampling, ``min_available_nodes``, record keys).
     """
+
+    # the noise source must never be restored (a re-run round would repeat its noise) nor written down;
+    # the sampler is the OS's CSPRNG, and the model copy is per-round scratch
+    checkpoint_exclude = ("noise_rng", "sampler", "current_arrays")
 
     def __init__(
         self,
@@ -106,20 +113,27 @@ class UserLevelDPFedAvg(FedAvg):
         """global + (Σ clip(Δ_i, S) + N(0, (zS)²)) / m, released even when no client replied."""
         if self.current_arrays is None:
             raise RuntimeError("configure_train must run before aggregate_train")
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        # no cross-reply consistency check (Flower's raises for the whole round): each reply is
+        # screened on its own below, so one bad client never takes the round down
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         current = {k: a.numpy() for k, a in self.current_arrays.items()}
         sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in current.items() if v.dtype.kind == "f"}
+        used = 0
         for reply in valid:
-            arrays = next(iter(reply.content.array_records.values()))
-            for key, delta in clip_update(arrays, current, sums, self.clipping_norm).items():
-                sums[key] += delta
+            delta, problem = client_update(reply, current, sums)
+            if problem is not None:  # counts as a zero update: still within the S bound, noise unchanged
+                log(WARNING, "aggregate_train: node %s: update ignored: %s", reply.metadata.src_node_id, problem)
+                continue
+            used += 1
+            for key, value in clip_l2(delta, self.clipping_norm).items():
+                sums[key] += value
         std = self.noise_multiplier * self.clipping_norm
         for total in sums.values():
             total += self.noise_rng.normal(0.0, std, total.shape)
         log(
             INFO,
             "aggregate_train: %d clipped update(s) (S=%g) + noise std %g, divided by m=%g",
-            len(valid), self.clipping_norm, std, self.expected_clients,
+            used, self.clipping_norm, std, self.expected_clients,
         )  # fmt: skip
         new = {
             k: Array(np.asarray(v + sums[k] / self.expected_clients, dtype=v.dtype) if k in sums else v)
@@ -142,11 +156,30 @@ def user_dp_strategy(config: RunConfig) -> UserLevelDPFedAvg:
     )
 
 
-def clip_update(
-    arrays: ArrayRecord, current: dict[str, np.ndarray], keys: Iterable[str], clipping_norm: float
-) -> dict[str, np.ndarray]:
-    """The update ``arrays - current`` over ``keys`` (float64), scaled down to L2 norm ≤ ``clipping_norm``."""
-    return clip_l2({k: arrays[k].numpy().astype(np.float64) - current[k] for k in keys}, clipping_norm)
+def client_update(
+    reply: Message, current: dict[str, np.ndarray], keys: Iterable[str]
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """(the reply's update over ``keys`` in float64, None) or ({}, why it cannot be used): one
+    ArrayRecord holding every key with the global model's shape and only finite values."""
+    records = list(reply.content.array_records.values())
+    if len(records) != 1:
+        return {}, f"expected one ArrayRecord, got {len(records)}"
+    arrays, delta = records[0], {}
+    for key in keys:
+        if key not in arrays:
+            return {}, f"'{key}' is missing"
+        try:
+            value = np.asarray(arrays[key].numpy(), dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            return {}, f"'{key}' is not numeric: {exc}"
+        if value.shape != current[key].shape:
+            return {}, f"'{key}' has shape {value.shape}, the global model {current[key].shape}"
+        if not np.isfinite(value).all():
+            return {}, f"'{key}' holds NaN or infinite values"
+        delta[key] = value - current[key]
+        if not np.isfinite(delta[key]).all():
+            return {}, f"'{key}' is too large to subtract from the global model"
+    return delta, None
 
 
 def _no_metrics(_records: list[RecordDict], _weight_key: str) -> MetricRecord:
