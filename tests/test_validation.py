@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
-from flwr.serverapp.strategy import FedAvg, FedMedian
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Krum
 
 from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
 
-from .flower_messages import NodesGrid, array_record, error_reply, train_reply
+from .flower_messages import NodesGrid, array_record, error_reply, metadata, train_reply
 
 GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 
 
 def update(value: float) -> dict[str, np.ndarray]:
     return {k: np.full_like(v, value) for k, v in GLOBAL.items()}
+
+
+def with_array(reply, key: str, array: Array):
+    """``reply`` with its array ``key`` replaced by ``array`` (as a modified client could send it)."""
+    reply.content["arrays"][key] = array
+    return reply
+
+
+def encoded(declared_dtype: str, declared_shape: tuple, payload: np.ndarray | None = None, data: bytes = b"") -> Array:
+    """An Array whose header says ``declared_dtype[declared_shape]`` and whose data is ``payload``."""
+    if payload is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, payload, allow_pickle=False)
+        data = buffer.getvalue()
+    return Array(dtype=declared_dtype, shape=declared_shape, stype="numpy.ndarray", data=data)
 
 
 def validated(inner=None, max_norm=None) -> ValidatedStrategy:
@@ -35,6 +52,18 @@ BAD_UPDATES = [
     (train_reply(17, update(0.1), num_examples=0), "'num-examples' must be a positive finite number"),
     (train_reply(18, update(0.1), num_examples=float("nan")), "'num-examples' must be a positive finite number"),
     (train_reply(19, update(0.1), extra_metric=1.0), "metric keys"),
+    (with_array(train_reply(20, update(0.1)), "w", encoded("float32", (3, 2), np.ones(11, np.float32))),
+     "'w' declares float32[3, 2] but its data is float32[11]"),
+    (with_array(train_reply(21, update(0.1)), "w", encoded("float32", (3, 2), np.ones((3, 2), np.float64))),
+     "'w' declares float32[3, 2] but its data is float64[3, 2]"),
+    (with_array(train_reply(22, update(0.1)), "w", encoded("float32", (3, 2), data=b"not numpy")),
+     "'w' cannot be decoded as a numpy array"),
+    (train_reply(23, update(0.1), train_loss=[0.1, 0.2]), "metric keys ['num-examples', 'train_loss[2]'] differ"),
+    (train_reply(24, update(0.1), train_loss=float("nan")), "metric 'train_loss' must hold finite numbers, got nan"),
+    (train_reply(25, update(0.1), train_loss=-4.0), "metric 'train_loss' must not be negative"),
+    (train_reply(26, update(0.1), num_examples=1e300), "'num-examples' is 1e+300, more than the largest accepted"),
+    (train_reply(27, update(0.1), num_examples=10**30), "'num-examples' is 1e+30, more than the largest accepted"),
+    (train_reply(28, update(0.1), num_examples=-5), "'num-examples' must be a positive finite number, got -5"),
 ]
 
 
@@ -42,7 +71,7 @@ BAD_UPDATES = [
 def test_a_bad_update_is_excluded_with_its_reason_and_the_round_still_aggregates(bad, reason):
     strategy = validated()
     good = [train_reply(1, update(1.0)), train_reply(2, update(3.0))]
-    arrays, metrics = strategy.aggregate_train(1, [good[0], bad, good[1]])
+    arrays, metrics = strategy.aggregate_train(1, [bad, *good])  # first: Flower's strategies copy its layout
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)  # mean of the two good updates only
     (rejection,) = rejected_updates(strategy, 1)
     assert rejection["node"] == str(bad.metadata.src_node_id)
@@ -111,9 +140,86 @@ class Broken(FedAvg):
     (lambda m: array_record({**m, "w": m["w"].T.copy()}), "'w' is float32[2, 3], the global model has float32[3, 2]"),
     (lambda m: array_record({**m, "b": np.full(2, np.nan, np.float32)}), "'b' holds NaN or infinite values"),
     (lambda m: m, "it is a dict, not an ArrayRecord"),
+    (lambda m: array_record({**m, "b": np.full(2, 1e39)}), "'b' holds NaN or infinite values"),  # float64 → float32: inf
 ])
 def test_a_malformed_new_global_model_fails_the_round_naming_the_strategy(change, message):
     strategy = validated(Broken(change))
     with pytest.raises(RunFailed, match="round 1: Broken.aggregate_train returned a new global model unlike the old one") as err:
         strategy.aggregate_train(1, [train_reply(1, update(1.0))])
     assert message in str(err.value)
+
+
+def reply_with(node: int, arrays: dict[str, np.ndarray], array_name="arrays", metric_name="metrics") -> Message:
+    """A train reply whose records have the given names and whose arrays come in the given order."""
+    content = RecordDict({array_name: array_record(arrays), metric_name: MetricRecord({"train_loss": 0.5, "num-examples": 10})})
+    return Message(content=content, metadata=metadata(node))
+
+
+@pytest.mark.parametrize("inner", [FedAvg, FedAvgM, FedMedian, Krum])
+def test_a_reply_with_its_own_record_names_is_aggregated_not_fatal(inner):
+    """Flower's strategies read every reply under the FIRST reply's record names (and raised)."""
+    strategy = validated(inner(min_available_nodes=1))
+    odd = reply_with(1, update(2.0), array_name="weights", metric_name="stats")
+    arrays, metrics = strategy.aggregate_train(1, [odd, train_reply(2, update(2.0)), train_reply(3, update(2.0))])
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
+    assert rejected_updates(strategy, 1) == [] and metrics["train_loss"] == 0.5
+
+
+def test_fedavgm_pairs_arrays_by_key_whatever_order_the_first_reply_lists_them():
+    """FedAvgM zips the global arrays with the aggregate's by position, in the first reply's order."""
+    strategy = validated(FedAvgM(min_available_nodes=1, server_momentum=0.0))
+    swapped = reply_with(1, {"b": np.full(2, 1.0, np.float32), "w": np.full((3, 2), 1.0, np.float32)})
+    arrays, _ = strategy.aggregate_train(1, [swapped, train_reply(2, update(1.0))])
+    assert list(arrays) == ["w", "b"]
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0)
+
+
+def test_krum_is_not_fooled_by_an_attacker_that_reorders_its_arrays():
+    """Krum flattens each reply's arrays in the reply's own order: listing 'b' first, an attacker
+    whose real model swaps the layers looked like the honest ones and was chosen as the new model."""
+    global_model = {"w": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}
+    strategy = ValidatedStrategy(Krum(min_available_nodes=1, num_malicious_nodes=1))
+    list(strategy.configure_train(1, array_record(global_model), ConfigRecord(), NodesGrid(range(1, 6))))
+    honest = [train_reply(n, {"w": np.full(4, 1 + 0.01 * n, np.float32), "b": np.full(4, 9 + 0.01 * n, np.float32)})
+              for n in range(1, 5)]  # fmt: skip
+    attacker = reply_with(9, {"b": np.full(4, 1.025, np.float32), "w": np.full(4, 9.025, np.float32)})
+    arrays, _ = strategy.aggregate_train(1, [attacker, *honest])
+    assert arrays["w"].numpy()[0] < 2 and arrays["b"].numpy()[0] > 8  # an honest model, not the swapped one
+
+
+def evaluation_reply(node: int, name="metrics", **metrics) -> Message:
+    values = {"eval_loss": 0.4, "eval_accuracy": 0.9, "num-examples": 10, **metrics}
+    return Message(content=RecordDict({name: MetricRecord(values)}), metadata=metadata(node))
+
+
+BAD_EVALUATIONS = [
+    (evaluation_reply(11, eval_accuracy=float("nan")), "metric 'eval_accuracy' must hold finite numbers, got nan"),
+    (evaluation_reply(12, eval_accuracy=1.5), "metric 'eval_accuracy' must lie in [0, 1], got 1.5"),
+    (evaluation_reply(13, eval_loss=-2.0), "metric 'eval_loss' must not be negative, got -2.0"),
+    (evaluation_reply(14, eval_loss=float("inf")), "metric 'eval_loss' must hold finite numbers, got inf"),
+    (evaluation_reply(15, **{"num-examples": -10}), "'num-examples' must be a non-negative finite number, got -10"),
+    (evaluation_reply(16, **{"num-examples": 1e200}), "'num-examples' is 1e+200, more than the largest accepted"),
+    (evaluation_reply(17, eval_accuracy=[0.5, 0.5]), "metric keys ['eval_accuracy[2]', 'eval_loss', 'num-examples'] differ"),
+    (evaluation_reply(18, extra=1.0), "metric keys"),
+    (Message(content=RecordDict({"metrics": MetricRecord({"eval_loss": 0.4, "eval_accuracy": 0.9})}), metadata=metadata(19)),
+     "'num-examples' must be a non-negative finite number, got None"),
+    (Message(content=RecordDict(), metadata=metadata(20)), "expected one MetricRecord, got 0"),
+]
+
+
+@pytest.mark.parametrize(("bad", "reason"), BAD_EVALUATIONS)
+def test_a_bad_evaluation_reply_is_excluded_with_its_reason(bad, reason):
+    strategy = validated()
+    metrics = strategy.aggregate_evaluate(1, [bad, evaluation_reply(1), evaluation_reply(2, eval_accuracy=0.7)])
+    assert metrics["eval_accuracy"] == pytest.approx(0.8) and metrics["eval_loss"] == pytest.approx(0.4)
+    (rejection,) = strategy.rejected_evaluation[1]
+    assert rejection["node"] == str(bad.metadata.src_node_id)
+    assert rejection["reason"].startswith("evaluation rejected: ") and reason in rejection["reason"]
+
+
+def test_evaluation_replies_without_examples_are_left_out_and_all_empty_gives_no_metrics():
+    strategy = validated()
+    empty = [evaluation_reply(n, eval_loss=0.0, eval_accuracy=0.0, **{"num-examples": 0}) for n in (1, 2)]
+    assert strategy.aggregate_evaluate(1, empty) is None  # Flower divided by a zero total
+    metrics = strategy.aggregate_evaluate(2, [*empty, evaluation_reply(3, name="results")])
+    assert metrics["eval_accuracy"] == pytest.approx(0.9) and strategy.rejected_evaluation[2] == []

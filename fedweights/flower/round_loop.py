@@ -27,6 +27,7 @@ from ..run_archive import announce_archive, archive_previous_run
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..run_lock import RunLock
 from ..strategies import build_strategy, rejected_updates
+from ..strategies.validation import rejected_evaluations
 from .encryption import is_encrypted, own_keys, save_encrypted_model
 from .node_wait import BoundedNodeWait, NodeWaitTimeout
 from .runtime import RUN_ID_KEY, Runtime
@@ -239,7 +240,9 @@ def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayReco
     messages = [m for m in messages if str(m.metadata.dst_node_id) not in silent]
     if not messages:
         return None
-    return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
+    metrics = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
+    failures += rejected_evaluations(strategy, server_round)  # evaluation replies validation excluded
+    return metrics
 
 
 def failure_reasons(sent: Sequence[Message], replies: Sequence[Message]) -> list[dict[str, str]]:

@@ -1,25 +1,32 @@
-"""Update validation: a Strategy wrapper that screens every training reply before any aggregation.
+"""Update validation: a Strategy wrapper that screens every reply before any aggregation.
 
 ``ValidatedStrategy(strategy, max_norm)`` wraps any Flower strategy (built-in or your own), the way
-Flower's DP wrappers do. A reply is excluded, with its reason logged and kept in
+Flower's DP wrappers do. A training reply is excluded, with its reason logged and kept in
 ``rejected[server_round]``, when its update
 
-- does not carry exactly one ArrayRecord with the global model's keys, shapes and dtypes,
+- does not carry exactly one ArrayRecord with the global model's keys, shapes and dtypes (declared
+  and actually encoded in each array's payload),
 - holds a NaN or infinite value,
 - moves the model further than ``max_norm`` (L2 norm of ``reply - global``, when a bound is set), or
-- lacks a positive, finite example count (the FedAvg weight) or has other metrics than its peers.
+- lacks a positive, finite example count (the FedAvg weight, at most 2^63), has a metric that is not
+  a finite number (or a loss < 0), or has other metrics than its peers.
 
-Only accepted replies reach the wrapped strategy; replies that carry an error are dropped too
-(the round loop already reports them), so one bad client never takes a round down. The new global
-model must have the old one's keys, shapes and finite values (else the round fails with the
-strategy named, before anything is saved) and is cast back to the old one's dtypes.
+Evaluation replies are screened the same way (one MetricRecord, a non-negative finite example count,
+finite metrics, ``eval_accuracy`` in [0, 1], ``eval_loss`` >= 0); rejected ones are kept in
+``rejected_evaluation[server_round]`` and replies with 0 examples are left out of the average.
+
+Only accepted replies reach the wrapped strategy, as canonical copies (``reply_checks``): the
+round's usual record names and the global model's key order, so Flower's strategies, which pair
+records by the first reply's names and arrays by position, never see one client's layout. Replies
+that carry an error are dropped too (the round loop already reports them), so one bad client never
+takes a round down. The new global model must have the old one's keys, shapes and finite values once
+cast back to the old one's dtypes (else the round fails with the strategy named, before anything is
+saved).
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
@@ -29,19 +36,31 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..errors import RunFailed
+from .reply_checks import (
+    canonical_copy,
+    decoded_arrays,
+    metrics_problem,
+    ordered_like,
+    record_names,
+    update_norm,
+    usual_signature,
+    weight_of,
+)
 
 REJECTED_PREFIX = "update rejected: "
+EVALUATION_REJECTED_PREFIX = "evaluation rejected: "
 
 
 class ValidatedStrategy(Strategy):
     """Runs ``strategy`` on the training replies that pass validation against the global model."""
 
-    checkpoint_exclude = ("rejected", "_global")  # both live within one round
+    checkpoint_exclude = ("rejected", "rejected_evaluation", "_global")  # they live within one round
 
     def __init__(self, strategy: Strategy, max_norm: float | None = None) -> None:
         self.strategy = strategy
         self.max_norm = max_norm
         self.rejected: dict[int, list[dict[str, str]]] = {}
+        self.rejected_evaluation: dict[int, list[dict[str, str]]] = {}
         self._global: ArrayRecord | None = None
 
     def __repr__(self) -> str:
@@ -70,27 +89,35 @@ class ValidatedStrategy(Strategy):
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
         if arrays is None:
             return None, metrics
-        problem = model_problem(arrays, self._global, same_dtypes=False) if isinstance(arrays, ArrayRecord) else (
-            f"it is a {type(arrays).__name__}, not an ArrayRecord")
+        if isinstance(arrays, ArrayRecord):  # checked as returned, and as kept: in the old model's dtypes
+            problem = model_problem(arrays, self._global, same_dtypes=False)
+            if problem is None:  # e.g. a float64 value beyond the float32 range turns infinite here
+                arrays = _with_dtypes_of(self._global, arrays)
+                problem = model_problem(arrays, self._global)
+        else:
+            problem = f"it is a {type(arrays).__name__}, not an ArrayRecord"
         if problem is not None:  # never checkpointed nor sent to clients
             raise RunFailed(f"round {server_round}: {type(self.strategy).__name__}.aggregate_train returned a new "
                             f"global model unlike the old one: {problem}. Fix the strategy; this round is not used")
-        return _with_dtypes_of(self._global, arrays), metrics
+        return arrays, metrics
 
     def screen(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, str]]]:
-        """Split replies into accepted ones and ``{"node", "reason"}`` records of rejected ones."""
+        """Split training replies into canonical copies of the accepted ones and ``{"node", "reason"}``
+        records of the rejected ones."""
         if self._global is None:
             raise RuntimeError("configure_train must run before aggregate_train")
         candidates = [r for r in replies if not r.has_error()]
         weight_key = getattr(self.strategy, "weighted_by_key", "num-examples")
-        usual_metrics = _most_common_metric_keys(candidates)
+        usual = usual_signature(candidates)
+        array_name, metric_name = record_names(candidates)
+        reference = {k: a.numpy() for k, a in self._global.items()}
         accepted, rejected = [], []
         for reply in candidates:
-            problem = update_problem(reply, self._global, self.max_norm) or _metrics_problem(
-                reply, weight_key, usual_metrics
+            problem = update_problem(reply, self._global, self.max_norm, reference) or metrics_problem(
+                reply, weight_key, usual
             )
             if problem is None:
-                accepted.append(reply)
+                accepted.append(canonical_copy(reply, array_name, ordered_like(self._global, reply), metric_name))
             else:
                 rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + problem})
         return accepted, rejected
@@ -102,24 +129,44 @@ class ValidatedStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """Aggregate the accepted evaluation replies (those with examples) with the wrapped strategy."""
+        accepted, rejected = self.screen_evaluation(replies)
+        self.rejected_evaluation[server_round] = rejected
+        for item in rejected:
+            log(WARNING, "round %d: node %s: %s", server_round, item["node"], item["reason"])
+        return self.strategy.aggregate_evaluate(server_round, accepted)
+
+    def screen_evaluation(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, str]]]:
+        """Canonical copies of the evaluation replies that can be averaged (a reply with 0 examples
+        is left out, not rejected: it has nothing to report), and records of the rejected ones."""
+        candidates = [r for r in replies if not r.has_error()]
+        weight_key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        usual = usual_signature(candidates)
+        _, metric_name = record_names(candidates)
+        accepted, rejected = [], []
+        for reply in candidates:
+            problem = metrics_problem(reply, weight_key, usual, zero_weight_ok=True)
+            if problem is not None:
+                rejected.append({"node": str(reply.metadata.src_node_id), "reason": EVALUATION_REJECTED_PREFIX + problem})
+            elif weight_of(reply, weight_key) > 0:
+                accepted.append(canonical_copy(reply, None, None, metric_name))
+        return accepted, rejected
 
 
-def update_problem(reply: Message, global_arrays: ArrayRecord, max_norm: float | None = None) -> str | None:
-    """Why a reply's arrays cannot be aggregated into ``global_arrays`` (None when they can)."""
-    records = reply.content.array_records
-    if len(records) != 1:
-        return f"expected one ArrayRecord, got {len(records)}"
-    arrays = next(iter(records.values()))
-    problem = model_problem(arrays, global_arrays)
+def update_problem(
+    reply: Message,
+    global_arrays: ArrayRecord,
+    max_norm: float | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> str | None:
+    """Why a reply's arrays cannot be aggregated into ``global_arrays`` (None when they can);
+    ``reference`` is ``global_arrays`` decoded, when the caller has it already."""
+    if reference is None:
+        reference = {k: a.numpy() for k, a in global_arrays.items()}
+    values, problem = decoded_arrays(reply, global_arrays, reference)
     if problem is not None or max_norm is None:
         return problem
-    squared = sum(
-        float(np.sum(np.square(arrays[k].numpy().astype(np.float64) - ref.numpy().astype(np.float64))))
-        for k, ref in global_arrays.items()
-    )
-    norm = math.sqrt(squared)
+    norm = update_norm(values, reference)
     return None if norm <= max_norm else f"update norm {norm:.4g} exceeds max_norm {max_norm:g}"
 
 
@@ -145,31 +192,18 @@ def rejected_updates(strategy: Strategy, server_round: int) -> list[dict[str, st
     return list(rejected.get(server_round, [])) if isinstance(rejected, dict) else []
 
 
+def rejected_evaluations(strategy: Strategy, server_round: int) -> list[dict[str, str]]:
+    """The evaluation replies ``strategy`` excluded in ``server_round`` (ValidatedStrategy); [] for others."""
+    rejected = getattr(strategy, "rejected_evaluation", None)
+    return list(rejected.get(server_round, [])) if isinstance(rejected, dict) else []
+
+
 def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
     """``arrays`` cast back to the global model's dtypes (e.g. Flower's FedAdam returns float64), so
     the next round's updates are checked against, and the model keeps, the dtypes it started with."""
     if all(k in reference and arrays[k].dtype == reference[k].dtype for k in arrays):
         return arrays
-    return ArrayRecord(
-        {k: Array(v.numpy().astype(reference[k].numpy().dtype)) if k in reference else v for k, v in arrays.items()}
-    )
-
-
-def _metrics_problem(reply: Message, weight_key: str, usual_keys: frozenset[str] | None) -> str | None:
-    records = reply.content.metric_records
-    if len(records) != 1:
-        return f"expected one MetricRecord, got {len(records)}"
-    metrics = next(iter(records.values()))
-    weight = metrics.get(weight_key)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-        return f"'{weight_key}' must be a positive finite number, got {weight!r}"
-    if usual_keys is not None and frozenset(metrics) != usual_keys:
-        return f"metric keys {sorted(metrics)} differ from the other clients' {sorted(usual_keys)}"
-    return None
-
-
-def _most_common_metric_keys(replies: list[Message]) -> frozenset[str] | None:
-    keys = Counter(
-        frozenset(next(iter(r.content.metric_records.values()))) for r in replies if len(r.content.metric_records) == 1
-    )
-    return keys.most_common(1)[0][0] if keys else None
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: checked next
+        return ArrayRecord(
+            {k: Array(v.numpy().astype(reference[k].numpy().dtype)) if k in reference else v for k, v in arrays.items()}
+        )
