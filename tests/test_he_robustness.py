@@ -157,3 +157,22 @@ def test_decrypt_refuses_a_foreign_key_and_a_corrupt_file_with_a_clear_error(key
     path.write_bytes(bytes(data))
     with pytest.raises(UserError, match="cannot decrypt .*corrupt"):
         decrypt_model_file(path, client.path)
+
+
+def test_one_bad_evaluation_reply_under_he_is_left_out_not_fatal(keys):
+    """Evaluation metrics travel in plaintext under --he too; Flower's FedAvg raised for the whole
+    run on a reply with other metric keys, and averaged a NaN accuracy into the round's."""
+    strategy = EncryptedFedAvg(keys[1], min_available_nodes=1)
+
+    def evaluation(node: int, **metrics) -> Message:
+        values = {"eval_loss": 0.4, "eval_accuracy": 0.9, "num-examples": 10, **metrics}
+        metadata = Metadata(run_id=1, message_id=f"e{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                            group_id="1", created_at=time.time(), ttl=60.0, message_type="evaluate")
+        return Message(content=RecordDict({"metrics": MetricRecord(values)}), metadata=metadata)
+
+    replies = [evaluation(1, eval_accuracy=float("nan")), evaluation(2, extra=1.0), evaluation(3),
+               evaluation(4, eval_accuracy=0.7)]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["eval_accuracy"] == pytest.approx(0.8)
+    assert [r["node"] for r in strategy.rejected_evaluation[1]] == ["1", "2"]
+    assert all(r["reason"].startswith("evaluation rejected: ") for r in strategy.rejected_evaluation[1])

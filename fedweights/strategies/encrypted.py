@@ -35,6 +35,7 @@ from ..flower.encrypted_state import extend_layout, section_of
 from ..proto import update_pb2 as pb
 from ..proximal import PROXIMAL_MU_KEY
 from .registry import sampling_options
+from .validation import screen_evaluation
 
 log = logging.getLogger("fedweights.he")
 
@@ -63,7 +64,7 @@ class EncryptedFedAvg(FedAvg):
 
     linear_in_updates = True
     # the layout is learnt again from the global model each round; the rest lives within one round
-    checkpoint_exclude = ("layout", "rejected", "_expect", "_planned", "_round")
+    checkpoint_exclude = ("layout", "rejected", "rejected_evaluation", "_expect", "_planned", "_round")
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class EncryptedFedAvg(FedAvg):
         self.counts: dict[int, int] = {}  # node id → the example count it last reported
         self.layout: tuple[TensorInfo, ...] | None = None
         self.rejected: dict[int, list[dict[str, str]]] = {}  # round → refused nodes/updates, with reasons
+        self.rejected_evaluation: dict[int, list[dict[str, str]]] = {}  # round → refused evaluation replies
         self._expect: RoundExpectation | None = None
         self._planned: dict[int, int] = {}  # node id → count this round's normaliser assumes
         self._round = 0
@@ -168,6 +170,12 @@ class EncryptedFedAvg(FedAvg):
         log.info("round %d: summed %d encrypted update(s), %d node(s) refused", server_round, len(accepted), rejected)
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted else None
         return total.result(), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's average of the evaluation replies that pass the plaintext path's checks (the
+        metrics are plaintext under --he too): one bad reply is left out, not fatal to the run."""
+        accepted, self.rejected_evaluation[server_round] = screen_evaluation(server_round, replies, self.weighted_by_key)
+        return super().aggregate_evaluate(server_round, accepted)
 
     def _check_reply(self, content: RecordDict) -> pb.EncryptedHeader:
         """The header of a reply's update, if it comes from this key pair and agrees with the metrics."""

@@ -130,27 +130,30 @@ class ValidatedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate the accepted evaluation replies (those with examples) with the wrapped strategy."""
-        accepted, rejected = self.screen_evaluation(replies)
-        self.rejected_evaluation[server_round] = rejected
-        for item in rejected:
-            log(WARNING, "round %d: node %s: %s", server_round, item["node"], item["reason"])
+        weight_key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        accepted, self.rejected_evaluation[server_round] = screen_evaluation(server_round, replies, weight_key)
         return self.strategy.aggregate_evaluate(server_round, accepted)
 
-    def screen_evaluation(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, str]]]:
-        """Canonical copies of the evaluation replies that can be averaged (a reply with 0 examples
-        is left out, not rejected: it has nothing to report), and records of the rejected ones."""
-        candidates = [r for r in replies if not r.has_error()]
-        weight_key = getattr(self.strategy, "weighted_by_key", "num-examples")
-        usual = usual_signature(candidates)
-        _, metric_name = record_names(candidates)
-        accepted, rejected = [], []
-        for reply in candidates:
-            problem = metrics_problem(reply, weight_key, usual, zero_weight_ok=True)
-            if problem is not None:
-                rejected.append({"node": str(reply.metadata.src_node_id), "reason": EVALUATION_REJECTED_PREFIX + problem})
-            elif weight_of(reply, weight_key) > 0:
-                accepted.append(canonical_copy(reply, None, None, metric_name))
-        return accepted, rejected
+
+def screen_evaluation(
+    server_round: int, replies: Iterable[Message], weight_key: str = "num-examples"
+) -> tuple[list[Message], list[dict[str, str]]]:
+    """Canonical copies of the evaluation replies that can be averaged (a reply with 0 examples is
+    left out, not rejected: it has nothing to report), and ``{"node", "reason"}`` records of the
+    rejected ones (logged). Used on the plaintext path and under ``--he`` alike."""
+    candidates = [r for r in replies if not r.has_error()]
+    usual = usual_signature(candidates)
+    _, metric_name = record_names(candidates)
+    accepted, rejected = [], []
+    for reply in candidates:
+        problem = metrics_problem(reply, weight_key, usual, zero_weight_ok=True)
+        if problem is not None:
+            node = str(reply.metadata.src_node_id)
+            log(WARNING, "round %d: node %s: %s%s", server_round, node, EVALUATION_REJECTED_PREFIX, problem)
+            rejected.append({"node": node, "reason": EVALUATION_REJECTED_PREFIX + problem})
+        elif weight_of(reply, weight_key) > 0:
+            accepted.append(canonical_copy(reply, None, None, metric_name))
+    return accepted, rejected
 
 
 def update_problem(
