@@ -140,3 +140,21 @@ def test_a_round_whose_every_update_is_bad_fails_with_the_reasons(tmp_path):
     assert "but its data is float32" in str(info.value) and "no round completed" in str(info.value)
     metrics = RunDir(tmp_path / "run").read_metrics()
     assert metrics["status"] == "failed" and "but its data is float32" in metrics["error"]
+
+
+def test_a_client_that_fails_its_evaluation_is_listed_in_the_rounds_failures(tmp_path):
+    """A client crashing in evaluation (an error reply) left no trace in metrics.json."""
+    from flwr.app import Error
+
+    class EvaluationCrashGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+            replies = super().send_and_receive(messages, timeout=timeout)
+            return [Message(Error(code=0, reason="ValueError: out of memory in evaluate"), reply_to=m)
+                    if m.metadata.dst_node_id == 1 and m.metadata.message_type == "evaluate" else r
+                    for m, r in zip(messages, replies, strict=True)]  # fmt: skip
+
+    config = RunConfig(clients=3, rounds=1, out=str(tmp_path / "run"))
+    run_federation(EvaluationCrashGrid(Runtime(config), node_configs(3)), Runtime(config), reporter=RichReporter())
+    (record,) = RunDir(config.out).read_metrics()["rounds"]
+    assert record["num_clients"] == 3 and record["eval_accuracy"] is not None  # training used all three
+    assert record["failures"] == [{"node": "1", "reason": "evaluation failed: ValueError: out of memory in evaluate"}]

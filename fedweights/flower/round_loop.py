@@ -34,6 +34,7 @@ from .runtime import RUN_ID_KEY, Runtime
 
 
 NO_REPLY = "no reply within round_timeout"
+EVALUATION_FAILED = "evaluation failed: "  # prefix of a failure of the round's evaluation, not its training
 
 
 class StopRun(Exception):
@@ -240,8 +241,12 @@ def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayReco
     messages = [m for m in messages if str(m.metadata.dst_node_id) not in silent]
     if not messages:
         return None
-    metrics = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
-    failures += rejected_evaluations(strategy, server_round)  # evaluation replies validation excluded
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    failed = {f["node"] for f in failures}  # a node that already failed this round is listed once
+    failures += [{"node": f["node"], "reason": f"{EVALUATION_FAILED}{f['reason']}"}
+                 for f in failure_reasons(messages, replies) if f["node"] not in failed]
+    failures += [f for f in rejected_evaluations(strategy, server_round) if f["node"] not in failed]
     return metrics
 
 
