@@ -123,3 +123,31 @@ def test_diff_of_two_local_files_needs_no_registry(tmp_path, monkeypatch):
                                 env={"FEDWEIGHTS_REGISTRY": ""})
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["l2_change"] > 0
+
+
+def test_log_is_readable_at_80_columns(served, tmp_path, cli):
+    """At COLUMNS=80 every version's name:version, short hash and parent appear whole, no line is wider
+    than 80; at 200 columns the same log is one table row per version."""
+    name = "cli/a-rather-long-model-name-for-narrow-terminals"
+    for seed in (1, 2, 3):
+        save_model(tmp_path / f"m{seed}.safetensors", seed=seed)
+        pushed = weights(served, "push", str(tmp_path / f"m{seed}.safetensors"), "--name", name, "--tag", "nightly", token=True)
+        assert pushed.exit_code == 0, pushed.output
+    fine_tune = weights(served, "push", str(tmp_path / "m1.safetensors"), "--name", "cli/ft", "--parent", f"{name}:2", token=True)
+    assert fine_tune.exit_code == 0, fine_tune.output
+    with Client(served["address"]) as client:
+        versions = client.log(name)
+    env = {"FEDWEIGHTS_REGISTRY": served["address"], "COLUMNS": "80"}
+    narrow = cli("weights", "log", name, env=env)
+    assert narrow.returncode == 0, narrow.stderr
+    lines = narrow.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in narrow.stdout
+    for v in versions:
+        block = ("\n" + narrow.stdout).split(f"\n{v.ref}\n", 1)[1].split("\n\n", 1)[0]  # its own block
+        assert v.sha256[:12] in block and (v.parent or "-") in block and v.digest.removeprefix("sha256:")[:12] in block
+    lineage = cli("weights", "log", "cli/ft:1", env=env)
+    assert lineage.returncode == 0 and max(len(line) for line in lineage.stdout.splitlines()) <= 80
+    assert lineage.stdout.startswith("cli/ft:1\n") and f"parent    {name}:2" in lineage.stdout
+    wide = weights(served, "log", name)  # COLUMNS=200: the table, one row per version, nothing cut
+    rows = [line for line in wide.output.splitlines() if f"{name}:" in line]
+    assert len(rows) == 3 and all(v.sha256[:12] in row for v, row in zip(versions, rows)) and "…" not in wide.output

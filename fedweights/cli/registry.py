@@ -15,6 +15,8 @@ from rich.markup import escape
 from ..errors import UserError
 from ..registry.auth import AccessPolicy, read_token
 from ..registry.manifest import IntegrityError
+from ..registry.blobs import prune as prune_blobs
+from ..registry.blobs import unreferenced
 from ..registry.server import serve
 from ..registry.store import WeightStore
 from .app import app, bench_app, console
@@ -57,16 +59,45 @@ def token_command(out: Path = typer.Option(..., "--out", help="Where to write th
 
 
 @registry_app.command("fsck")
-def fsck_command(root: Path = typer.Option(..., "--root", help="Store directory to check.")) -> None:
-    """Re-verify every manifest digest, lineage link and payload hash in a store."""
+def fsck_command(
+    root: Path = typer.Option(..., "--root", help="Store directory to check."),
+    prune: bool = typer.Option(False, "--prune", help="Delete payloads no version names (only if everything else verifies)."),
+) -> None:
+    """Re-verify every manifest digest, lineage link and payload hash in a store; list payloads no
+    version names (left by a failed or interrupted publish) and, with --prune, delete them."""
     if not (root / "index.sqlite").is_file():
         raise UserError(f"{root} is not a registry store (no index.sqlite)")
-    problems = WeightStore(root, read_only=True).check()
+    store = WeightStore(root, read_only=True)
+    problems = store.check_versions()
+    for problem in problems:
+        console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
+    orphans = unreferenced(store)
+    for orphan in orphans:
+        console.print(f"[yellow]![/yellow] {escape(orphan.describe())}", highlight=False)
+    if prune and problems:
+        raise IntegrityError(
+            f"{len(problems)} problem(s) in {root}; not pruning: while the index does not verify, a payload no "
+            "version names may be the only copy of a version whose index entry was lost. Restore index.sqlite "
+            "or fix the problems first"
+        )
+    if prune:
+        removed = prune_blobs(store)  # re-reads the index under the publish lock: safe while serving
+        for blob in removed:
+            console.print(f"removed {blob.path.name} ({blob.size} bytes)", highlight=False)
+        kept = len(unreferenced(store))
+        console.print(f"[green]✓[/green] {escape(str(root))}: every manifest, lineage link and payload verifies; "
+                      f"removed {len(removed)} unreferenced payload(s), {sum(b.size for b in removed)} bytes"
+                      + (f" ({kept} unexpected file(s) left alone)" if kept else ""), highlight=False)  # fmt: skip
+        return
     if problems:
-        for problem in problems:
-            console.print(f"[red]✗[/red] {escape(problem)}", highlight=False)
-        raise IntegrityError(f"{len(problems)} problem(s) in {root}")
-    console.print(f"[green]✓[/green] {escape(str(root))}: every manifest, lineage link and payload verifies")
+        extra = f" and {len(orphans)} unreferenced file(s)" if orphans else ""
+        raise IntegrityError(f"{len(problems)} problem(s){extra} in {root}")
+    if orphans:
+        raise IntegrityError(
+            f"{len(orphans)} file(s) in {root} belong to no version ({sum(o.size for o in orphans)} bytes); every version "
+            f"verifies, so `fedweights registry fsck --root {root} --prune` can delete the unreferenced payloads"
+        )
+    console.print(f"[green]✓[/green] {escape(str(root))}: every manifest, lineage link and payload verifies", highlight=False)
 
 
 @bench_app.command("registry")

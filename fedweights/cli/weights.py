@@ -9,7 +9,9 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from ..registry.certificate import describe_guarantee
 from ..registry.client import ENV_ADDRESS, ENV_TLS_DIR, ENV_TOKEN_FILE, Client
@@ -84,16 +86,43 @@ def log_command(
     token_file: Optional[Path] = TOKEN_FILE,
     tls_dir: Optional[Path] = TLS_DIR,
 ) -> None:
-    """Versions (newest first) with hash, parent, tags and privacy; lineage links are verified."""
+    """Versions (newest first) with hash, parent, tags and privacy; lineage links are verified.
+
+    A table when it fits the terminal; otherwise one block per version (no column is cut short).
+    """
     with _client(registry, token_file, tls_dir) as client:
         versions = client.log(ref)
     table = Table("version", "sha256", "manifest", "parent", "tags", "privacy", "run / round", "created")
     for v in versions:
         m = v.manifest
         run = f"{m.run_id} / {m.round}" if m.run_id else ""
-        table.add_row(v.ref, m.sha256[:12], v.digest.removeprefix("sha256:")[:12], v.parent or "-", ",".join(m.tags),
-                      describe_guarantee(m.privacy), run, _when(m))  # fmt: skip
-    console.print(table)
+        table.add_row(escape(v.ref), m.sha256[:12], _short(v.digest), escape(v.parent or "-"), escape(",".join(m.tags)),
+                      escape(describe_guarantee(m.privacy)), escape(run), _when(m))  # fmt: skip
+    if Measurement.get(console, console.options.update_width(1 << 16), table).maximum <= console.width:  # natural width
+        console.print(table)
+        return
+    for n, v in enumerate(versions):  # too narrow for the table: one block per version, values wrapped
+        m = v.manifest
+        rows = [("sha256", m.sha256[:12]), ("manifest", _short(v.digest)), ("parent", v.parent or "-"),
+                ("tags", ", ".join(m.tags)), ("privacy", describe_guarantee(m.privacy)),
+                ("run", f"{m.run_id}, round {m.round}" if m.run_id else ""), ("created", _when(m))]  # fmt: skip
+        if n:
+            console.print()
+        _print_wrapped(Text(v.ref, style="bold"), "", 0)
+        for label, value in rows:
+            if value or label == "parent":
+                _print_wrapped(Text(value), f"  {label:<10}", 12)
+
+
+def _print_wrapped(text: Text, prefix: str, indent: int) -> None:
+    """``prefix`` then ``text`` folded to the console width, continuation lines indented by ``indent``."""
+    for i, line in enumerate(text.wrap(console, max(console.width - indent, 20), overflow="fold")):
+        line.rstrip()
+        console.print(Text(prefix if i == 0 else " " * indent, style="dim") + line, highlight=False)
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
 
 
 @weights_app.command("diff")

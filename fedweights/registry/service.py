@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import sqlite3
 from collections.abc import Iterator
 
 import grpc
@@ -15,7 +16,7 @@ from ..proto import registry_pb2_grpc as pb_grpc
 from .auth import AccessPolicy
 from .manifest import IntegrityError, check_name, check_tag, decode, parse_ref
 from .payload import CHUNK_SIZE
-from .store import NotFound, WeightStore
+from .store import NotFound, StorageError, WeightStore
 
 log = logging.getLogger("fedweights.registry")
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 3 << 20  # a chunk plus framing stays under gRPC's 4 MiB message limit
@@ -38,17 +39,16 @@ class RegistryServicer(pb_grpc.WeightRegistryServicer):
             check_name(header.name)
             for tag in header.tags:
                 check_tag(tag)
-            self.store.check_parent(header)  # before any byte is stored: a refused publish leaves no blob
+            self.store.check_publish(header)  # before any byte is stored: a refused publish leaves no blob
             upload = self.store.upload()
             try:
                 expected = _receive(request_iterator, upload, header.sha256)
                 if not context.is_active():
                     raise UserError("the client went away before the upload finished")
-                digest, existed = upload.commit(expected_sha256=expected)
             except BaseException:
                 upload.discard()
                 raise
-            record = self.store.add_version(header.name, header, digest, identity)
+            record, digest, existed = self.store.publish(upload, header, identity, expected_sha256=expected)
             manifest = decode(record)
             log.info("published %s:%d sha256:%s (%d bytes%s) by %s", manifest.name, manifest.version,
                      digest.sha256[:12], digest.size_bytes, ", deduplicated" if existed else "", identity)  # fmt: skip
@@ -124,6 +124,12 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
     except UserError as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except StorageError as exc:  # the index could not be written: the publish removed what it stored
+        log.error("storage error: %s", exc)
+        context.abort(grpc.StatusCode.INTERNAL, f"registry storage error: {exc}")
     except OSError as exc:  # e.g. the store's disk is full: the upload was discarded
         log.exception("storage error")
         context.abort(grpc.StatusCode.INTERNAL, f"registry storage error: {exc.strerror or exc}")
+    except sqlite3.Error as exc:  # the index cannot be read (a read of a broken store)
+        log.exception("index error")
+        context.abort(grpc.StatusCode.INTERNAL, f"registry index error: {exc}")

@@ -8,7 +8,10 @@ Layout of a registry root::
 
 Publishing is crash-safe: the payload is streamed into ``tmp/``, fsynced and renamed to its
 hash; only then does ONE SQLite transaction assign the version number and insert the manifest.
-A crash before the commit leaves at most an unreferenced blob; no version is ever half visible.
+No version is ever half visible. Every check that can refuse a publish runs before the payload
+is stored; if the index transaction still fails (disk full, I/O error), the publish deletes the
+blob it added unless a version names it (blobs.py). Only a crash between the two steps leaves an
+unreferenced blob, which ``fedweights registry fsck`` reports and ``--prune`` deletes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ..errors import UserError
 from ..fileio import _fsync_dir
 from ..proto import registry_pb2 as pb
+from .blobs import drop_if_unreferenced, publish_lock, unreferenced
 from .manifest import IntegrityError, Ref, check_chain, decode, encode, payload_mismatches, tensor_entries
 from .payload import PayloadDigest, PayloadHasher, iter_file
 
@@ -43,11 +47,18 @@ class NotFound(UserError):
     """The model, version or tag does not exist in the registry."""
 
 
+class StorageError(Exception):
+    """The store's disk or index failed (not the caller's fault); nothing was published."""
+
+
 class Upload:
     """A payload being received: written to ``tmp/`` and hashed as it arrives."""
 
     def __init__(self, store: WeightStore) -> None:
         self._store = store
+        # Opened before any byte is written: after a failed publish it can still read the index to
+        # prove its blob unreferenced, even when the upload has filled the disk.
+        self.index = store._connect()
         fd, self._path = tempfile.mkstemp(dir=store.root / "tmp", suffix=".upload")
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self._hasher = PayloadHasher()
@@ -82,11 +93,14 @@ class Upload:
     def discard(self) -> None:
         """Drop the partial upload."""
         self._file.close()
+        self.index.thing.close()
         Path(self._path).unlink(missing_ok=True)
 
 
 class WeightStore:
     """Blobs + index under one root directory; safe for concurrent use by many threads."""
+
+    busy_timeout = 60.0  # seconds an index write waits for another writer before it fails
 
     def __init__(self, root: str | Path, read_only: bool = False) -> None:
         """Open (and, unless ``read_only``, create) the store at ``root``; read-only never writes to it."""
@@ -126,15 +140,47 @@ class WeightStore:
         """Start receiving a payload."""
         return Upload(self)
 
-    def check_parent(self, header: pb.PublishHeader) -> None:
-        """Raise NotFound unless the header's explicit parent, if any, is in the index.
+    def check_publish(self, header: pb.PublishHeader) -> None:
+        """Everything that can refuse a publish, run before its payload is stored: raise NotFound
+        unless the explicit parent is in the index, IntegrityError if the parent's manifest (the
+        explicit one, or the name's newest version) was altered.
 
-        Called before the payload is stored, so a refused publish leaves no blob behind; versions
-        are never deleted, so the parent is still there when ``add_version`` runs.
+        Versions are never deleted and a new newest version is written by this code, so the
+        parent ``add_version`` links to passes the same checks.
         """
-        if header.HasField("parent"):
-            with self._connect() as db:
+        with self._connect() as db:
+            if header.HasField("parent"):
                 self._parent_digest(db, header.parent)
+                return
+            (latest,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE name = ?", (header.name,)).fetchone()
+            self._parent_digest(db, pb.ModelRef(name=header.name, version=latest))
+
+    def publish(
+        self, upload: Upload, header: pb.PublishHeader, publisher: str, expected_sha256: str = ""
+    ) -> tuple[pb.ManifestRecord, PayloadDigest, bool]:
+        """Store the received payload and commit its version; return (record, digest, deduplicated).
+
+        If the version cannot be committed the payload blob this call added is deleted again
+        (unless a version names it) and the error is raised; the upload is discarded on any failure.
+        """
+        with upload.index as reader:
+            with publish_lock(self.root, exclusive=False):  # no prune between the blob and its index row
+                try:
+                    digest, existed = upload.commit(expected_sha256=expected_sha256)
+                except BaseException:
+                    upload.discard()
+                    raise
+                try:
+                    return self.add_version(header.name, header, digest, publisher), digest, existed
+                except sqlite3.Error as exc:
+                    failure: BaseException = StorageError(
+                        f"cannot record the new version of {header.name} in the registry index ({exc}); nothing was published"
+                    )
+                except BaseException as exc:
+                    failure = exc
+            if not existed:
+                drop_if_unreferenced(self, digest.sha256, reader)
+        raise failure
 
     def add_version(self, name: str, header: pb.PublishHeader, digest: PayloadDigest, publisher: str) -> pb.ManifestRecord:
         """Assign the next version of ``name`` to a committed payload, in one transaction."""
@@ -160,7 +206,8 @@ class WeightStore:
                 db.executemany("INSERT INTO tags VALUES (?, ?, ?)", [(name, t, manifest.version) for t in set(header.tags)])
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (e.g. disk full): keep the real error
+                    db.execute("ROLLBACK")
                 raise
         return record
 
@@ -218,8 +265,12 @@ class WeightStore:
             raise IntegrityError(f"the payload of {manifest.name}:{manifest.version} is missing from the store") from None
 
     def check(self) -> list[str]:
-        """Re-verify every manifest, lineage link, tag and payload on disk, and that no payload is
-        orphaned (in no version: a lost index entry); return all the problems found."""
+        """Every problem ``check_versions`` finds, then every file in ``blobs/`` that no version names."""
+        return self.check_versions() + [blob.describe() for blob in unreferenced(self)]
+
+    def check_versions(self) -> list[str]:
+        """Re-verify every manifest, lineage link, tag and referenced payload on disk; return all the
+        problems found (unreferenced blobs are listed by ``blobs.unreferenced``)."""
         problems: list[str] = []
         with self._connect() as db:
             rows = db.execute("SELECT name, version, manifest, digest, sha256 FROM versions ORDER BY name, version").fetchall()
@@ -244,10 +295,6 @@ class WeightStore:
                 problems.append(f"{name}:{version}: lineage broken: its parent {parent[0]}:{parent[1]}'s manifest "
                                 f"no longer has the digest it recorded ({manifest.parent_digest})")
             problems += [f"{name}:{version}: {p}" for p in self._payload_problems(manifest)]
-        referenced = {sha256 for *_, sha256 in rows}  # the index's own column: an altered manifest orphans nothing
-        for blob in sorted((self.root / "blobs" / "sha256").glob("*/*")):
-            if blob.name not in referenced:
-                problems.append(f"payload {blob.name} belongs to no version in the index (an index entry was lost?)")
         return problems
 
     def _payload_problems(self, manifest: pb.WeightManifest) -> list[str]:
@@ -296,8 +343,8 @@ class WeightStore:
     def _connect(self) -> contextlib.closing[sqlite3.Connection]:
         index = self.root / "index.sqlite"
         if self.read_only:
-            return contextlib.closing(sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True, timeout=60))
-        db = sqlite3.connect(index, isolation_level=None, timeout=60)
+            return contextlib.closing(sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True, timeout=self.busy_timeout))
+        db = sqlite3.connect(index, isolation_level=None, timeout=self.busy_timeout)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         return contextlib.closing(db)
