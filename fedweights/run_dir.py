@@ -2,12 +2,16 @@
 
 ``metrics.json`` schema::
 
-    {"run_id": str, "status": "running" | "completed" | "failed",
+    {"run_id": str, "status": "running" | "completed" | "failed" | "interrupted",
      "config": {<the full run config, nested as in TOML>},
      "rounds": [{"round": 1, "train_loss": float, "eval_loss": float, "eval_accuracy": float,
                  "num_clients": int, "seconds": float, "failures": [{"node": str, "reason": str}]}, ...],
      "failed_attempts": [{"round": int, "attempt": int, "error": str, "time": str}, ...],  # if any
-     "resumes": [{"after_round": int, "time": str}, ...]}  # if the run was resumed
+     "resumes": [{"after_round": int, "time": str, "previous": {"status", "error"}}, ...]}  # if resumed
+
+``failed`` runs name the cause in ``error``; ``interrupted`` marks a run whose coordinator died
+without a survivor to record it, found later by whoever took the run directory's lock
+(``run_status``).
 
 It is rewritten atomically after every round, so it is always complete up to the last round.
 """
@@ -91,10 +95,12 @@ class RunDir:
         (possibly extended) config, mark the run running. Returns the kept records."""
         data = self.read_metrics()
         data["rounds"] = [r for r in data["rounds"] if r["round"] <= through_round]
+        ended = {"status": data.get("status"), **({"error": data["error"]} if data.get("error") else {})}
         for key in ("error", "stopped_early"):
             data.pop(key, None)
         data.update(status="running", config=dataclasses.asdict(config))
-        data["resumes"] = [*data.get("resumes", []), {"after_round": through_round, "time": _utc_now()}]
+        entry = {"after_round": through_round, "time": _utc_now(), "previous": ended}  # how the run had ended
+        data["resumes"] = [*data.get("resumes", []), entry]
         self._write(data)
         return [RoundRecord(**r) for r in data["rounds"]]
 

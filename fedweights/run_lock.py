@@ -3,7 +3,8 @@
 Two coordinators writing one run directory (a second ``server --resume`` while the first still
 runs, two runs given the same ``--out``) would interleave their ledger, metrics and checkpoints.
 ``RunLock`` takes ``fcntl.flock`` on ``RUN/.lock``: the kernel drops it when the holder exits or
-dies (kill -9 included), so resuming after a crash is never blocked by a stale lock. A
+dies (kill -9 included), so resuming after a crash is never blocked by a stale lock; whoever takes
+it next marks a run its dead holder left ``running`` as ``interrupted`` (``run_status``). A
 coordinator whose run continues elsewhere (``fedweights server``'s ServerApp process, ``simulate``'s
 in-process ServerApp) hands the lock down through ``HELD_ENV``.
 """
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .run_status import settle_stale_run
 
 LOCK_FILE = ".lock"
 HELD_ENV = "FEDWEIGHTS_RUN_LOCK_HELD"  # a run directory whose lock a parent process holds
@@ -52,6 +54,7 @@ class RunLock:
                 f"run directory {self.run_dir} is in use by another run ({holder}): wait for it to end or "
                 "stop it, then resume; or give this run another --out"
             ) from None
+        settle_stale_run(self.run_dir, _read_holder(fd))  # its holder died without recording the run's end
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -92,3 +95,15 @@ def _read_holder(fd: int) -> str:
         return f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
     except (OSError, ValueError, KeyError):
         return "holder unknown"
+
+
+def settle(run_dir: str | Path) -> None:
+    """If no coordinator holds ``run_dir`` now, mark a run it left ``running`` as ``interrupted``
+    (for readers such as ``fedweights report``); a live run is left alone."""
+    if not (Path(run_dir) / LOCK_FILE).exists():
+        return
+    try:
+        with RunLock(run_dir):
+            pass
+    except (RunDirInUse, OSError):  # live, or a copy we may not write to: leave it as it is
+        pass

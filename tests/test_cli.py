@@ -49,3 +49,13 @@ def test_a_path_of_the_wrong_kind_or_a_damaged_run_file_is_one_line_not_a_traceb
     (run / "privacy-ledger.jsonl").write_text("")
     code, _, err = cli_in_process("report", str(run))
     assert code == 2 and "metrics.json is damaged" in err
+
+
+def test_simulate_resume_refuses_another_out_and_a_directory_without_a_run(cli_in_process, tmp_path):
+    """`simulate --resume DIR` continues the run stored in DIR: an --out (another run) or a
+    directory holding no run is refused in one line, before anything starts."""
+    code, _, err = cli_in_process("simulate", "--resume", str(tmp_path), "--out", str(tmp_path / "other"))
+    assert code == 2 and "--resume DIR continues the run stored in DIR: drop --config/--out" in err
+    code, out, err = cli_in_process("simulate", "--resume", str(tmp_path / "nothing"))
+    assert code != 0 and "Traceback" not in out + err and "nothing" in err
+    assert not (tmp_path / "other").exists()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -97,3 +98,34 @@ def test_a_client_dying_mid_run_does_not_hang_the_run(tmp_path):
     finally:
         for dep in deps.values():
             dep.close()
+
+
+def test_a_killed_serverapp_process_fails_the_run_at_once(tmp_path):
+    """kill -9 of the ServerApp process alone: the server marks the run failed within seconds
+    (not Flower's ~1 min heartbeat timeout), says so in one line and exits 1."""
+    from fedweights.deploy.processes import descendants
+
+    dep = Deployment(tmp_path)
+    dep.make_keys(["n0", "n1"], authorized=["n0", "n1"])
+    address, run_dir = f"127.0.0.1:{free_port()}", tmp_path / "run"
+    try:
+        dep.server(address, "--rounds", "50", "--clients", "2", "--min-clients", "2", "--round-timeout", "120",
+                   "--out", str(run_dir))
+        dep.client("n0", address, "0/2")
+        dep.client("n1", address, "1/2")
+        dep.wait_for_round(run_dir, 1, timeout=300)
+        apps = [p for p in descendants(dep.procs["server"].pid)
+                if b"flwr-serverapp" in b" ".join(open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[:2])]
+        assert len(apps) == 1, dep.all_logs()
+        killed = time.monotonic()
+        os.kill(apps[0], signal.SIGKILL)
+        assert dep.wait("server", 30) == 1, dep.all_logs()
+        assert time.monotonic() - killed < 20
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "failed", metrics
+        assert f"the ServerApp process (pid {apps[0]}) died" in metrics["error"]
+        assert "the checkpoint of round" in metrics["error"] and "server --resume" in metrics["error"]
+        log = dep.log("server")
+        assert "Traceback" not in log and "error: the run did not complete (status 'failed'): the ServerApp" in log, log
+    finally:
+        dep.close()

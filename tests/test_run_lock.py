@@ -3,6 +3,7 @@ process is running in fails at once and writes nothing; a crashed holder never b
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -77,3 +78,30 @@ def test_a_run_refused_in_a_new_directory_leaves_no_directory(tmp_path, cli_in_p
     code, _, _ = cli_in_process("simulate", "--he", "--strategy", "median", "--clients", "2", "--rounds", "1",
                                 "--out", str(tmp_path / "old"))
     assert code == 2 and (tmp_path / "old").is_dir()
+
+
+def _running_run(run_dir, holder_pid=999999):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"run_id": "r", "status": "running", "config": {}, "rounds": []}))
+    (run_dir / ".lock").write_text(json.dumps({"pid": holder_pid, "host": "h", "since": "t"}))
+    (run_dir / "checkpoint").mkdir()
+    (run_dir / "checkpoint" / "manifest.json").write_text(json.dumps({"round": 3}))
+
+
+def test_a_run_left_running_by_a_dead_holder_is_marked_interrupted_by_the_next_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    _running_run(run_dir)
+    with RunLock(run_dir):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    assert "coordinator (pid 999999 on h since t) stopped without recording" in metrics["error"]
+    assert "checkpoint of round 3 is kept" in metrics["error"]
+
+
+def test_settle_leaves_a_live_run_alone(tmp_path, holder):
+    from fedweights.run_lock import settle
+
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics.json").write_text(json.dumps({"run_id": "r", "status": "running", "config": {}, "rounds": []}))
+    settle(run_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"

@@ -9,9 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ..errors import UserError
 from .app import app, console, err_console, keys_app
-from .run_options import build_run_config, run_options
+from .run_options import run_config_for, run_options
 
 
 @app.command("server")
@@ -33,14 +32,7 @@ def server_command(
     """Start a Flower SuperLink and run a federation on the clients that connect to it."""
     from ..deploy.server import ServerSecurity, run_server
 
-    if resume is not None:
-        from ..flower.checkpoint import resume_config
-
-        if config is not None or "out" in (overrides or {}):
-            raise UserError("--resume DIR continues the run stored in DIR: drop --config/--out")
-        run_config = resume_config(resume, overrides or {})  # refuses changes that would make it another run
-    else:
-        run_config = build_run_config(config, overrides or {})
+    run_config = run_config_for(config, resume, overrides or {})
     security = ServerSecurity(tls_dir, authorized_nodes, insecure)
     result = run_server(run_config, address, security, console=console, verbose=verbose)
     console.print(f"Run directory: [bold]{escape(str(result.run_dir))}[/bold]")

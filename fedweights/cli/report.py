@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..errors import UserError
 from .app import app, console
@@ -19,4 +20,23 @@ def report_command(
         raise UserError(f"{run_dir} is a file, not a run directory" if run_dir.exists() else f"run directory not found: {run_dir}")
     from ..privacy.report import print_privacy_report  # torch, matplotlib: only when used
 
+    _print_run_status(run_dir)
     print_privacy_report(run_dir, console)
+
+
+def _print_run_status(run_dir: Path) -> None:
+    """A line on a run that did not complete; a run left ``running`` by a dead coordinator is
+    marked ``interrupted`` first (``run_lock.settle``)."""
+    import json
+
+    from ..run_lock import settle
+
+    settle(run_dir)
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        status = metrics["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if status != "completed":
+        detail = f": {metrics['error']}" if metrics.get("error") else ""
+        console.print(f"[yellow]run {escape(str(status))}[/yellow]{escape(detail)}", highlight=False)

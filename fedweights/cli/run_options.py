@@ -105,3 +105,16 @@ def run_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]
 def build_run_config(config_file: Path | None, overrides: Mapping[str, Any]) -> RunConfig:
     """The TOML file (if any) with the CLI overrides on top (validated: e.g. DP options without --dp are refused)."""
     return load_config(config_file, overrides)
+
+
+def run_config_for(config_file: Path | None, resume: Path | None, overrides: Mapping[str, Any]) -> RunConfig:
+    """The run a command starts: the one stored in ``resume`` (with the changes a resume allows),
+    else the TOML file with the CLI overrides on top."""
+    if resume is None:
+        return build_run_config(config_file, overrides)
+    from ..errors import UserError
+    from ..flower.checkpoint import resume_config
+
+    if config_file is not None or "out" in overrides:
+        raise UserError("--resume DIR continues the run stored in DIR: drop --config/--out")
+    return resume_config(resume, dict(overrides))  # refuses changes that would make it another run

@@ -24,9 +24,11 @@ from ..registry.auth import CA_FILE, SERVER_CERT, SERVER_KEY, tls_file
 from ..registry.publish import preflight as publish_preflight
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..run_lock import RunLock
+from ..run_status import FAILED, mark_ended, resume_hint
 from ..strategies import build_strategy
 from .federation import FEDERATION, write_app_dir, write_flwr_home
 from .keys import authorized_keys
+from .serverapp_watch import ServerAppWatch
 from .processes import ProcessGroup, flower_executable, split_address, wait_healthy
 
 DEPLOY_DIR = "deploy"
@@ -108,7 +110,8 @@ def run_server(
                 _register(group, node_keys)
             console.print(f"SuperLink listening on {host}:{port} ({'insecure' if security.insecure else 'TLS'}); "
                           f"waiting for {config.wait_for_clients} client(s)")
-            _stream_run(group, app_dir, console, verbose)
+            died = _stream_run(group, app_dir, console, verbose, superlink, (out / "metrics.json", before))
+        _mark_dead_run(out, before, died)  # a ServerApp killed mid-run could not record that itself
         metrics = RunDir(out).read_metrics() if (out / "metrics.json").exists() else {}
         if _written_at(out / "metrics.json") == before:  # the ServerApp never got to the run: its status is old
             metrics = {"status": "not started"}
@@ -190,14 +193,28 @@ def _register(group: ProcessGroup, public_keys: list[Path]) -> None:
             raise UserError(f"registering node key {key} failed: {output.strip()[-500:]}")
 
 
-def _stream_run(group: ProcessGroup, app_dir: Path, console: Console, verbose: bool) -> None:
-    """``flwr run APP fedweights --stream``, echoing the ServerApp's progress until the run ends."""
+def _stream_run(group: ProcessGroup, app_dir: Path, console: Console, verbose: bool,
+                superlink: subprocess.Popen, metrics: tuple[Path, int | None]) -> int | None:
+    """``flwr run APP fedweights --stream``, echoing the ServerApp's progress until the run ends;
+    the pid of a ServerApp that died mid-run (then ``flwr run`` is stopped at once), else None."""
     argv = [flower_executable("flwr"), "run", str(app_dir.resolve()), FEDERATION, "--stream"]
     run = group.start("flwr-run", argv, stdout=subprocess.PIPE)
     assert run.stdout is not None
-    for raw in run.stdout:
-        line = raw.decode(errors="replace").rstrip("\n")
-        if verbose or not any(marker in line for marker in _FLOWER_LOG_MARKERS):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-    if run.wait() != 0:
+    with ServerAppWatch(superlink, *metrics, run) as watch:
+        for raw in run.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if verbose or not any(marker in line for marker in _FLOWER_LOG_MARKERS):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+        code = run.wait()
+    if code != 0 and watch.died is None:
         sys.stderr.write(group.log_tail("flwr-run") + "\n")
+    return watch.died
+
+
+def _mark_dead_run(out: Path, before: int | None, died: int | None) -> None:
+    """metrics.json rewritten by this run but still ``running`` after ``flwr run`` ended: the
+    ServerApp died without a word (SIGKILL, the OOM killer). Mark the run failed, saying so."""
+    who = f"the ServerApp process (pid {died})" if died else "the ServerApp process"
+    mark_ended(out, FAILED, f"{who} died without recording the end of the run (killed, e.g. kill -9 or the "
+               f"out-of-memory killer); {resume_hint(out, f'`fedweights server --resume {out}`')}",
+               since_ns=before)

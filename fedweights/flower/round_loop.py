@@ -26,6 +26,7 @@ from ..progress import RichReporter
 from ..run_archive import announce_archive, archive_previous_run
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..run_lock import RunLock
+from ..run_status import resume_hint
 from ..strategies import build_strategy, rejected_updates
 from ..strategies.validation import rejected_evaluations
 from .encryption import is_encrypted, own_keys, save_encrypted_model
@@ -163,7 +164,10 @@ def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichRepor
             model.load_state_dict(arrays.to_torch_state_dict())
             run_dir.save_model(model.state_dict(), {"rounds": str(config.rounds), "format": "pt"})
     except BaseException as exc:
-        run_dir.set_status("failed", error=str(exc) or type(exc).__name__)
+        error = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (fedweights simulate's child, server)
+            error = f"interrupted by {exc or 'Ctrl-C'}; {resume_hint(run_dir.path)}"
+        run_dir.set_status("failed", error=error)
         raise
     run_dir.set_status("completed", **stopped)
     for hook in hooks:

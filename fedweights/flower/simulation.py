@@ -55,10 +55,11 @@ def simulate(
         return _simulate_in(out, dataclasses.replace(config, out=str(out.resolve())), task, reporter, verbose)
 
 
-def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: RichReporter | None, verbose: bool) -> RunResult:
-    device = select_device(config.device)
+def check_run(config: RunConfig, task_file: str | None = None) -> Runtime:
+    """The checks a run passes before any key is made or Ray starts (UserError otherwise); its Runtime.
+    ``fedweights simulate``'s supervising parent runs them too, so refusals print from it."""
+    select_device(config.device)
     check_he_compatible(config)  # --he with a strategy it cannot run: refused before any key is made
-    task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
     if not config.he.enabled:
@@ -67,6 +68,14 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
         from ..privacy.plan import check_dp_run
 
         check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
+    return runtime
+
+
+def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: RichReporter | None, verbose: bool) -> RunResult:
+    device = select_device(config.device)
+    check_he_compatible(config)  # before the task file is written
+    task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
+    runtime = check_run(config, task_file)
     reporter = reporter or RichReporter()
     if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
         announce_archive(reporter, archive_previous_run(out, keep=own_keys(config, out)))  # --he-key RUN/keys/…: kept
@@ -117,10 +126,19 @@ def _backend_config(clients: int, use_gpu: bool, verbose: bool) -> dict:
 def _quiet_flower(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("flwr").setLevel(level)
+    if not verbose and not any(isinstance(f, _NoTracebacks) for f in logging.getLogger("flwr").filters):
+        logging.getLogger("flwr").addFilter(_NoTracebacks())  # failures reach metrics.json and one error line
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class _NoTracebacks(logging.Filter):
+    """Drop the tracebacks Flower logs for each failed client call (e.g. every actor once Ray died)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Traceback (most recent call last)")
 
 
 def _root_cause(exc: BaseException) -> str:
