@@ -64,12 +64,18 @@ class RunLock:
     def __exit__(self, exc_type, *exc_info) -> None:
         if self._fd is None:
             return
-        if exc_type is not None and self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
-            # a run refused before it wrote anything leaves no directory behind (we made it, moments ago)
-            (self.run_dir / LOCK_FILE).unlink()
-            self.run_dir.rmdir()
+        if exc_type is not None:
+            self.discard_if_unused()
         os.close(self._fd)  # closing the descriptor releases the lock; the file stays (no unlink race)
         self._fd = None
+
+    def discard_if_unused(self) -> None:
+        """Remove the run directory if we made it, moments ago, and it holds only the lock (a run
+        refused before it wrote anything leaves nothing behind)."""
+        if self._fd is not None and self._created and self.run_dir.is_dir() and \
+                [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            (self.run_dir / LOCK_FILE).unlink()
+            self.run_dir.rmdir()
 
     @contextmanager
     def shared_in_process(self) -> Iterator[None]:

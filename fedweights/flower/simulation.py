@@ -55,11 +55,10 @@ def simulate(
         return _simulate_in(out, dataclasses.replace(config, out=str(out.resolve())), task, reporter, verbose)
 
 
-def check_run(config: RunConfig, task_file: str | None = None) -> Runtime:
-    """The checks a run passes before any key is made or Ray starts (UserError otherwise); its Runtime.
-    ``fedweights simulate``'s supervising parent runs them too, so refusals print from it."""
-    select_device(config.device)
+def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: RichReporter | None, verbose: bool) -> RunResult:
+    device = select_device(config.device)
     check_he_compatible(config)  # --he with a strategy it cannot run: refused before any key is made
+    task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
     if not config.he.enabled:
@@ -68,14 +67,6 @@ def check_run(config: RunConfig, task_file: str | None = None) -> Runtime:
         from ..privacy.plan import check_dp_run
 
         check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
-    return runtime
-
-
-def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: RichReporter | None, verbose: bool) -> RunResult:
-    device = select_device(config.device)
-    check_he_compatible(config)  # before the task file is written
-    task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
-    runtime = check_run(config, task_file)
     reporter = reporter or RichReporter()
     if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
         announce_archive(reporter, archive_previous_run(out, keep=own_keys(config, out)))  # --he-key RUN/keys/…: kept

@@ -10,7 +10,6 @@ the child left behind (this process is their subreaper, so Ray's orphans come ba
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -21,12 +20,11 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..deploy.processes import _die_with, descendants
+from ..deploy.processes import PR_SET_CHILD_SUBREAPER, descendants, dies_with_us, prctl
 from ..run_lock import RunLock
 from ..run_status import FAILED, mark_ended, resume_hint
 
 CONFIG_ENV = "FEDWEIGHTS_SIMULATE_CONFIG"  # set in the child: the run config (JSON) it runs
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 GRACE_SECONDS = 3.0  # leftovers: SIGTERM, then SIGKILL
 STOP_GRACE_SECONDS = 5.0  # after Ctrl-C, how long the child may take to end by itself
 
@@ -58,27 +56,19 @@ def child_signals() -> None:
 
 
 def supervise(config: RunConfig, verbose: bool) -> Outcome:
-    """Check ``config``, run it in a child ``fedweights simulate`` while holding the run
-    directory's lock, and judge how the child ended."""
-    from ..registry.publish import preflight as publish_preflight
-    from .simulation import check_run
-
+    """Run ``config`` in a child ``fedweights simulate`` while holding the run directory's lock,
+    and judge how the child ended. The child makes every check a run makes (refusals print from
+    it, before Ray starts); this parent stays light (no torch, no registry)."""
     config.validate()
-    publish_preflight(config)
     out = Path(config.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     config = dataclasses.replace(config, out=str(out))
     with RunLock(out) as lock:  # held until the run's end is recorded, whoever records it
-        if config.resume:
-            from ..flower.checkpoint import check_resumable
-            from ..run_dir import RunDir
-
-            check_resumable(RunDir(out), config)
-        check_run(config)  # refusals print here, before the child or Ray starts
         metrics = out / "metrics.json"
         before = metrics.stat().st_mtime_ns if metrics.exists() else 0
         code, pid, stopped = _run_child(config, verbose, lock.hand_down())
         if code == 0:
             return Outcome(0)
+        lock.discard_if_unused()  # a run the child refused before writing anything leaves no directory
         what = f"stopped by {'Ctrl-C' if stopped == 'SIGINT' else stopped}" if stopped else _what_died(pid, code)
         marked = mark_ended(out, FAILED, f"{what}; {resume_hint(out)}", since_ns=before)
     if stopped:
@@ -93,13 +83,13 @@ def supervise(config: RunConfig, verbose: bool) -> Outcome:
 def _run_child(config: RunConfig, verbose: bool, env: dict[str, str]) -> tuple[int, int, str | None]:
     """Run the simulation in a child process; (its exit code, its pid, the signal that stopped
     us, if any) once it and all it left are gone."""
-    _become_subreaper()
+    prctl(PR_SET_CHILD_SUBREAPER, 1)  # Ray's processes the child leaves come back to us, to be stopped
     before = set(descendants(os.getpid()))  # not ours to stop (e.g. a test's own processes)
     env = {**os.environ, **env, CONFIG_ENV: json.dumps(dataclasses.asdict(config))}
     argv = [sys.executable, "-m", "fedweights", "simulate", *(["--verbose"] if verbose else [])]
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                             preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None)
+                             preexec_fn=dies_with_us())
     stop: dict[str, float] = {}
     for sig in old:  # recorded here, acted on below
         signal.signal(sig, lambda signum, _f: stop.setdefault(signal.Signals(signum).name, time.monotonic()))
@@ -130,14 +120,6 @@ def _what_died(pid: int, code: int) -> str:
         return f"the simulation process (pid {pid}: the ServerApp and Ray's driver) was killed by {name}{why}"
     return (f"the simulation process (pid {pid}) exited with code {code} without recording the end of the run "
             "(Ray ends its driver when Ray's own processes die)")
-
-
-def _become_subreaper() -> None:
-    if sys.platform == "linux":
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
-        except (OSError, AttributeError):
-            pass
 
 
 def _stop_leftovers(keep: set[int]) -> None:
