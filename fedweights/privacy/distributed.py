@@ -73,8 +73,12 @@ def clip_l2(arrays: Mapping[str, np.ndarray], clipping_norm: float) -> dict[str,
 
 def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``arrays`` as one vector; finite for any finite values (no overflow of the squares)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())
+    if math.isfinite(squares):
+        return math.sqrt(squares)
     peak = max((float(np.max(np.abs(a))) for a in arrays.values() if np.size(a)), default=0.0)
-    if peak == 0.0 or not math.isfinite(peak):
+    if not math.isfinite(peak):  # NaN (np.max propagates it) or infinite values
         return peak
     squares = sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64) / peak))) for a in arrays.values())
     return peak * math.sqrt(squares)

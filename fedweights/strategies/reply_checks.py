@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from ..privacy.distributed import l2_norm
+
 MAX_WEIGHT = 2.0**63
 """Largest aggregation weight (example count) accepted: above any real count, and low enough that
 the weights of any number of clients sum to a finite total (an infinite total zeroes the model)."""
@@ -55,27 +57,33 @@ def metrics_signature(metrics: Mapping) -> Signature:
     return frozenset((k, len(v) if isinstance(v, list) else None) for k, v in metrics.items())
 
 
-def decoded_arrays(
-    reply: Message, reference: ArrayRecord, reference_values: Mapping[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """The reply's arrays decoded, keyed like ``reference`` (or None and why they cannot be used)."""
+def decoded_arrays(reply: Message, reference: ArrayRecord) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The reply's one ArrayRecord decoded, keyed like ``reference`` (or None and why it cannot be used)."""
     records = reply.content.array_records
     if len(records) != 1:
         return None, f"expected one ArrayRecord, got {len(records)}"
-    arrays = next(iter(records.values()))
+    return decoded_model(next(iter(records.values())), reference)
+
+
+def decoded_model(
+    arrays: ArrayRecord, reference: ArrayRecord, same_dtypes: bool = True
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """``arrays`` decoded, keyed like ``reference``, or None and why they are not a model like it:
+    its keys and shapes (and dtypes, with ``same_dtypes``), each payload decoding to the dtype and
+    shape it declares, only finite values."""
     missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
     if missing or extra:
         return None, f"keys differ from the global model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
     values = {}
     for key, ref in reference.items():
-        array, expected = arrays[key], reference_values[key]
-        if tuple(array.shape) != tuple(ref.shape) or array.dtype != ref.dtype:
+        array = arrays[key]
+        if tuple(array.shape) != tuple(ref.shape) or (same_dtypes and array.dtype != ref.dtype):
             return None, f"'{key}' is {array.dtype}{list(array.shape)}, the global model has {ref.dtype}{list(ref.shape)}"
         try:
             value = array.numpy()
         except Exception as exc:  # noqa: BLE001 - any undecodable payload is the client's fault
             return None, f"'{key}' cannot be decoded as a numpy array ({type(exc).__name__}: {str(exc)[:120]})"
-        if value.dtype != expected.dtype or value.shape != expected.shape:
+        if str(value.dtype) != array.dtype or tuple(value.shape) != tuple(array.shape):
             return None, (
                 f"'{key}' declares {array.dtype}{list(array.shape)} but its data is "
                 f"{value.dtype}{list(value.shape)}"
@@ -88,11 +96,7 @@ def decoded_arrays(
 
 def update_norm(values: Mapping[str, np.ndarray], reference_values: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``values - reference_values`` over all arrays, in float64."""
-    squared = sum(
-        float(np.sum(np.square(values[k].astype(np.float64) - ref.astype(np.float64))))
-        for k, ref in reference_values.items()
-    )
-    return math.sqrt(squared)
+    return l2_norm({k: values[k].astype(np.float64) - ref.astype(np.float64) for k, ref in reference_values.items()})
 
 
 def metrics_problem(

@@ -24,6 +24,7 @@ from flwr.supercore import log
 from ..config import RunConfig
 from ..privacy.distributed import clip_l2
 from ..privacy.user_level import planned_guarantee
+from .reply_checks import decoded_arrays
 
 
 class UserLevelDPFedAvg(FedAvg):
@@ -120,7 +121,7 @@ class UserLevelDPFedAvg(FedAvg):
         sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in current.items() if v.dtype.kind == "f"}
         used = 0
         for reply in valid:
-            delta, problem = client_update(reply, current, sums)
+            delta, problem = client_update(reply, self.current_arrays, current, sums)
             if problem is not None:  # counts as a zero update: still within the S bound, noise unchanged
                 log(WARNING, "aggregate_train: node %s: update ignored: %s", reply.metadata.src_node_id, problem)
                 continue
@@ -157,28 +158,16 @@ def user_dp_strategy(config: RunConfig) -> UserLevelDPFedAvg:
 
 
 def client_update(
-    reply: Message, current: dict[str, np.ndarray], keys: Iterable[str]
+    reply: Message, global_arrays: ArrayRecord, current: dict[str, np.ndarray], keys: Iterable[str]
 ) -> tuple[dict[str, np.ndarray], str | None]:
-    """(the reply's update over ``keys`` in float64, None) or ({}, why it cannot be used): one
-    ArrayRecord holding every key with the global model's shape and only finite values."""
-    records = list(reply.content.array_records.values())
-    if len(records) != 1:
-        return {}, f"expected one ArrayRecord, got {len(records)}"
-    arrays, delta = records[0], {}
-    for key in keys:
-        if key not in arrays:
-            return {}, f"'{key}' is missing"
-        try:
-            value = np.asarray(arrays[key].numpy(), dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            return {}, f"'{key}' is not numeric: {exc}"
-        if value.shape != current[key].shape:
-            return {}, f"'{key}' has shape {value.shape}, the global model {current[key].shape}"
-        if not np.isfinite(value).all():
-            return {}, f"'{key}' holds NaN or infinite values"
-        delta[key] = value - current[key]
-        if not np.isfinite(delta[key]).all():
-            return {}, f"'{key}' is too large to subtract from the global model"
+    """(the reply's update over ``keys`` in float64, None) or ({}, why it cannot be used): the checks
+    of update validation (``reply_checks.decoded_arrays``), then a finite difference."""
+    values, problem = decoded_arrays(reply, global_arrays)
+    if problem is not None:
+        return {}, problem
+    delta = {key: values[key].astype(np.float64) - current[key] for key in keys}
+    if not all(np.isfinite(d).all() for d in delta.values()):
+        return {}, "the update is too large to subtract from the global model"
     return delta, None
 
 

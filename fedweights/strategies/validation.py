@@ -39,6 +39,7 @@ from ..errors import RunFailed
 from .reply_checks import (
     canonical_copy,
     decoded_arrays,
+    decoded_model,
     metrics_problem,
     ordered_like,
     record_names,
@@ -166,7 +167,7 @@ def update_problem(
     ``reference`` is ``global_arrays`` decoded, when the caller has it already."""
     if reference is None:
         reference = {k: a.numpy() for k, a in global_arrays.items()}
-    values, problem = decoded_arrays(reply, global_arrays, reference)
+    values, problem = decoded_arrays(reply, global_arrays)
     if problem is not None or max_norm is None:
         return problem
     norm = update_norm(values, reference)
@@ -175,30 +176,23 @@ def update_problem(
 
 def model_problem(arrays: ArrayRecord, reference: ArrayRecord, same_dtypes: bool = True) -> str | None:
     """Why ``arrays`` is not a model like ``reference`` (keys, shapes, dtypes, finite values), or None."""
-    missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
-    if missing or extra:
-        return f"keys differ from the global model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-    for key, ref in reference.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(ref.shape) or (same_dtypes and array.dtype != ref.dtype):
-            return f"'{key}' is {array.dtype}{list(array.shape)}, the global model has {ref.dtype}{list(ref.shape)}"
-        values = array.numpy()
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"'{key}' holds NaN or infinite values"
-    return None
+    return decoded_model(arrays, reference, same_dtypes)[1]
 
 
 def rejected_updates(strategy: Strategy, server_round: int) -> list[dict[str, str]]:
     """The replies ``strategy`` excluded in ``server_round``: any strategy that keeps them in a
     ``rejected`` dict by round (ValidatedStrategy, the --he EncryptedFedAvg); [] for others."""
-    rejected = getattr(strategy, "rejected", None)
-    return list(rejected.get(server_round, [])) if isinstance(rejected, dict) else []
+    return _of_round(getattr(strategy, "rejected", None), server_round)
 
 
 def rejected_evaluations(strategy: Strategy, server_round: int) -> list[dict[str, str]]:
-    """The evaluation replies ``strategy`` excluded in ``server_round`` (ValidatedStrategy); [] for others."""
-    rejected = getattr(strategy, "rejected_evaluation", None)
-    return list(rejected.get(server_round, [])) if isinstance(rejected, dict) else []
+    """The evaluation replies ``strategy`` excluded in ``server_round`` (ValidatedStrategy, the --he
+    EncryptedFedAvg: ``rejected_evaluation``); [] for others."""
+    return _of_round(getattr(strategy, "rejected_evaluation", None), server_round)
+
+
+def _of_round(by_round: object, server_round: int) -> list[dict[str, str]]:
+    return list(by_round.get(server_round, [])) if isinstance(by_round, dict) else []
 
 
 def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
