@@ -43,6 +43,17 @@ def mark_ended(run_dir: str | Path, status: str, error: str, since_ns: int | Non
     """Set ``status``/``error`` in metrics.json if it still says ``running`` (and, with ``since_ns``,
     was written after that time: a run older than ours is not ours to judge). Returns the new
     metrics, or None when nothing was changed. Call it holding the run directory's lock."""
+    data = running_metrics(run_dir, since_ns)
+    if data is None:
+        return None
+    data.update(status=status, error=error)
+    atomic_write_json(Path(run_dir) / METRICS_FILE, data)
+    return data
+
+
+def running_metrics(run_dir: str | Path, since_ns: int | None = None) -> dict[str, Any] | None:
+    """metrics.json if it says ``running`` (and, with ``since_ns``, was written after that time),
+    else None."""
     path = Path(run_dir) / METRICS_FILE
     try:
         if since_ns is not None and path.stat().st_mtime_ns <= since_ns:
@@ -50,11 +61,7 @@ def mark_ended(run_dir: str | Path, status: str, error: str, since_ns: int | Non
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("status") != RUNNING:
-        return None
-    data.update(status=status, error=error)
-    atomic_write_json(path, data)
-    return data
+    return data if isinstance(data, dict) and data.get("status") == RUNNING else None
 
 
 def interrupted_error(run_dir: str | Path, holder: str) -> str:

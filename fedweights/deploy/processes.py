@@ -77,7 +77,7 @@ class ProcessGroup:
         self._log_offsets[name] = log.seek(0, os.SEEK_END)
         proc = subprocess.Popen(
             argv, env=self.env, stdout=stdout or log, stderr=subprocess.STDOUT if stdout is None else log,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
+            stdin=subprocess.DEVNULL, preexec_fn=dies_with_us(),
         )
         proc._fedweights_log = log  # type: ignore[attr-defined]
         self.children[name] = proc
@@ -143,17 +143,28 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 6
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def _die_with(parent: int):
-    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` (the process starting it) dies."""
+def prctl(option: int, value: int) -> bool:
+    """Linux ``prctl(option, value)`` for this process; False where it is not available."""
+    if sys.platform != "linux":
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def dies_with_us():
+    """A ``preexec_fn`` (None off Linux): the child gets SIGTERM when the process starting it dies."""
+    if sys.platform != "linux":
+        return None
+    parent = os.getpid()
+
     def preexec() -> None:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # it died before the prctl: nobody will signal us
-            os._exit(1)
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) and os.getppid() != parent:
+            os._exit(1)  # the parent died before the prctl: nobody will signal us
 
     return preexec
 

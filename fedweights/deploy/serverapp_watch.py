@@ -9,11 +9,11 @@ server can mark the run failed at once.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 from pathlib import Path
 
+from ..run_status import running_metrics
 from .processes import descendants
 
 POLL_SECONDS = 0.5
@@ -50,12 +50,7 @@ class ServerAppWatch:
 
     def _still_running(self) -> bool:
         """metrics.json was written by this run and still says ``running``."""
-        try:
-            if self.since_ns is not None and self.metrics.stat().st_mtime_ns <= self.since_ns:
-                return False
-            return json.loads(self.metrics.read_text()).get("status") == "running"
-        except (OSError, ValueError, AttributeError):
-            return False
+        return running_metrics(self.metrics.parent, self.since_ns) is not None
 
 
 def _is_serverapp(pid: int) -> bool:
