@@ -37,12 +37,12 @@ def start_head(log_dir: Path) -> tuple[subprocess.Popen, str]:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start failed; see {log_dir / 'ray-head.log'}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"127.0.0.1:{port}"
+        # the GCS port opens seconds before the raylet is up: a driver attaching then is ended by Ray
+        if "Ray runtime started" in (log_dir / "ray-head.log").read_text(errors="replace"):
+            return proc, f"127.0.0.1:{port}"
         time.sleep(0.2)
     stop_head(proc)
-    raise RuntimeError("ray head did not open its port within 60 s")
+    raise RuntimeError(f"ray head did not start within 60 s; see {log_dir / 'ray-head.log'}")
 
 
 def stop_head(proc: subprocess.Popen) -> None:
