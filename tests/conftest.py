@@ -34,8 +34,9 @@ def cli():
 
 
 @pytest.fixture
-def cli_in_process(capsys, monkeypatch):
-    """Run the `fedweights` entry point in this process (fast); returns (exit code, stdout, stderr)."""
+def cli_in_process(capfd, monkeypatch):
+    """Run the `fedweights` entry point in this process (fast); returns (exit code, stdout, stderr).
+    Captured at the file descriptors: `simulate` prints from the child process it supervises."""
     from fedweights.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
@@ -45,7 +46,7 @@ def cli_in_process(capsys, monkeypatch):
             code = 0
         except SystemExit as exc:
             code = exc.code or 0
-        out, err = capsys.readouterr()
+        out, err = capfd.readouterr()
         return code, out, err
 
     return run

@@ -67,18 +67,16 @@ def test_simulate_into_a_directory_in_use_fails_before_it_writes_keys_or_starts_
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # no keys/, no task file
 
 
-def test_a_run_refused_in_a_new_directory_leaves_no_directory(tmp_path, cli):
+def test_a_run_refused_in_a_new_directory_leaves_no_directory(tmp_path, cli_in_process):
     """Settings only checked once the lock is held (HE strategy, unreachable target ε) used to leave
-    RUN/ holding only .lock; an existing directory, and what it holds, stays. (A subprocess: the
-    refusal is printed by the simulation child, on the terminal's stderr.)"""
-    refused = cli("simulate", "--he", "--strategy", "median", "--clients", "2", "--rounds", "1",
-                  "--out", str(tmp_path / "new"))
-    code, err = refused.returncode, refused.stderr
+    RUN/ holding only .lock; an existing directory, and what it holds, stays."""
+    code, _, err = cli_in_process("simulate", "--he", "--strategy", "median", "--clients", "2", "--rounds", "1",
+                                  "--out", str(tmp_path / "new"))
     assert code == 2 and "not linear" in err
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()
-    code = cli("simulate", "--he", "--strategy", "median", "--clients", "2", "--rounds", "1",
-               "--out", str(tmp_path / "old")).returncode
+    code, _, _ = cli_in_process("simulate", "--he", "--strategy", "median", "--clients", "2", "--rounds", "1",
+                                "--out", str(tmp_path / "old"))
     assert code == 2 and (tmp_path / "old").is_dir()
 
 
