@@ -54,7 +54,10 @@ def test_a_task_is_a_fork_that_is_reaped_after_it_ends():
         [pid] = executor.children
         assert _alive(pid)
         assert Path(f"/proc/{pid}/cmdline").read_bytes() == Path("/proc/self/cmdline").read_bytes()  # a fork
-        os.kill(pid, signal.SIGTERM)  # Flower's own handler in the task ends it
+        # SIGKILL, not SIGTERM: with no SuperNode listening, Flower's graceful exit in the task waits
+        # out its HTTP retry back-off (12 s steps, 35 s seen on a loaded CI machine). Reaping is what
+        # is tested here; close() escalates SIGTERM to SIGKILL (next test).
+        os.kill(pid, signal.SIGKILL)
         assert _reaped_within(executor, pid, 30), "the finished task was not reaped"
     finally:
         executor.close()
@@ -69,7 +72,9 @@ def test_tasks_end_with_their_parent_and_close_stops_the_rest():
         watched, other = executor.children
         parent.kill()
         parent.wait()
-        assert _reaped_within(executor, watched, 30), "a task outlived the process it watches"
+        # Flower's watchdog ends the task gracefully (SIGINT): 5 s when idle, but its HTTP retry
+        # back-off can hold the main thread for a few of its 20 s steps on a loaded machine.
+        assert _reaped_within(executor, watched, 120), "a task outlived the process it watches"
         assert _alive(other)
         executor.close()
         assert executor.children == {} and not Path(f"/proc/{other}").exists()
