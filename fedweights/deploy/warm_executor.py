@@ -147,6 +147,7 @@ def preload(node_data: str | None = None) -> None:
     """Import what every ClientApp task needs, once (the point of this process), and read the
     node's own data file: every task is a fork and finds it loaded (``load_node_data``'s cache)."""
     import torch  # noqa: F401, PLC0415
+    import torch._dynamo  # noqa: F401, PLC0415 - torch.optim imports it at the first optimizer (1.3-1.5 s a task)
 
     import fedweights.flower.client_app  # noqa: F401, PLC0415
 
