@@ -10,15 +10,6 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from ..privacy.accounting import (
-    PLD_EPSILON_CEILING,
-    calibrate_noise,
-    check_accountant,
-    check_delta,
-    check_entry,
-    epsilon,
-    steps_for_epochs,
-)
 from ..privacy.ledger import format_epsilon
 from .app import console, privacy_app
 
@@ -55,6 +46,10 @@ def plan_command(
         raise UserError("give --sample-rate (or --user-level with --population and --clients-per-round)")
     if (steps is None) == (epochs is None):
         raise UserError("give exactly one of --steps and --epochs")
+    from ..privacy.accounting import (  # dp-accounting (and SciPy): seconds to import, so only here
+        calibrate_noise, check_accountant, check_delta, check_entry, epsilon, steps_for_epochs,
+    )
+
     check_accountant(accountant)
     check_delta(delta)
     check_entry(noise_multiplier if noise_multiplier is not None else 1.0, sample_rate, steps or 0)
@@ -80,6 +75,8 @@ def plan_command(
 
 
 def _label(accountant: str, spent: float) -> str:
+    from ..privacy.accounting import PLD_EPSILON_CEILING
+
     if accountant == "pld" and spent > PLD_EPSILON_CEILING * (1 + 1e-6):
         return f"pld; the RDP upper bound, as PLD is not computed above epsilon {PLD_EPSILON_CEILING:g}: no meaningful protection"
     return accountant
