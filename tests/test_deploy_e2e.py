@@ -85,8 +85,8 @@ def test_a_node_that_waited_for_the_server_is_not_refused_by_its_key_registratio
     dep.make_keys(["n0"], authorized=["n0"])
     port = free_port()
     try:
-        dep.client("n0", f"127.0.0.1:{port}", "0/1", "--register-wait", "6")
-        time.sleep(9)  # no server yet: longer than --register-wait
+        dep.client("n0", f"127.0.0.1:{port}", "0/1", "--register-wait", "15")
+        time.sleep(17)  # no server yet: longer than --register-wait
         assert dep.procs["n0"].poll() is None, dep.log("n0")
         security = ServerSecurity(tmp_path / "tls", tmp_path / "authorized")
         home = tmp_path / "flwr-home"
