@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 
@@ -64,9 +67,6 @@ def test_simulate_resume_refuses_another_out_and_a_directory_without_a_run(cli_i
 def test_the_cli_starts_without_torch_scipy_or_dp_accounting():
     """`fedweights --help`, refusals and the `simulate` supervisor stay quick (0.4 s, not 4 s):
     only the commands that compute import the heavy libraries."""
-    import subprocess
-    import sys
-
     heavy = ("torch", "scipy", "dp_accounting", "tenseal", "ray")
     probe = f"import sys, fedweights.cli, fedweights.flower.supervisor; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

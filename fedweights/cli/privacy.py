@@ -47,7 +47,7 @@ def plan_command(
     if (steps is None) == (epochs is None):
         raise UserError("give exactly one of --steps and --epochs")
     from ..privacy.accounting import (  # dp-accounting (and SciPy): seconds to import, so only here
-        calibrate_noise, check_accountant, check_delta, check_entry, epsilon, steps_for_epochs,
+        PLD_EPSILON_CEILING, calibrate_noise, check_accountant, check_delta, check_entry, epsilon, steps_for_epochs,
     )
 
     check_accountant(accountant)
@@ -65,20 +65,19 @@ def plan_command(
         "steps": total_steps,
         "accountant": accountant,
     }
-    if _label(accountant, spent) != accountant:  # machines must see the label people see
+    label = _label(accountant, spent, PLD_EPSILON_CEILING)
+    if label != accountant:  # machines must see the label people see
         result["epsilon_bound"] = "rdp"
     _show_plan(
         result, target_epsilon, as_json, "epsilon",
-        f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({_label(accountant, spent)}) for {total_steps} steps "
+        f"epsilon = [bold]{format_epsilon(spent, 6)}[/bold] at delta = {delta:g} ({label}) for {total_steps} steps "
         f"at sample rate {sample_rate:.6g} with noise multiplier {_round_up(noise_multiplier):.6g}",
     )
 
 
-def _label(accountant: str, spent: float) -> str:
-    from ..privacy.accounting import PLD_EPSILON_CEILING
-
-    if accountant == "pld" and spent > PLD_EPSILON_CEILING * (1 + 1e-6):
-        return f"pld; the RDP upper bound, as PLD is not computed above epsilon {PLD_EPSILON_CEILING:g}: no meaningful protection"
+def _label(accountant: str, spent: float, pld_ceiling: float) -> str:
+    if accountant == "pld" and spent > pld_ceiling * (1 + 1e-6):
+        return f"pld; the RDP upper bound, as PLD is not computed above epsilon {pld_ceiling:g}: no meaningful protection"
     return accountant
 
 

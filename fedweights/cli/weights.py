@@ -15,6 +15,7 @@ from rich.text import Text
 
 from ..registry.certificate import describe_guarantee
 from ..registry.client import ENV_ADDRESS, ENV_TLS_DIR, ENV_TOKEN_FILE, Client
+from ..registry.diff import diff_files, total_change
 from ..registry.manifest import IntegrityError
 from .app import app, console
 
@@ -134,8 +135,6 @@ def diff_command(
     tls_dir: Optional[Path] = TLS_DIR,
 ) -> None:
     """Per-tensor change from A to B: L2 norm of B-A and relative change ||B-A|| / ||A||."""
-    from ..registry.diff import diff_files, total_change  # torch: only this command needs it
-
     if Path(a).is_file() and Path(b).is_file():  # two local files: no registry needed
         changes = diff_files(a, b)
     else:

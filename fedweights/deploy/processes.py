@@ -35,11 +35,6 @@ FAST_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_TELEMETRY_ENA
 THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a process we start: ours, plus the settings above and ``extra``."""
-    return {**THREAD_ENV, **os.environ, **FAST_POLL_ENV, **(extra or {})}
-
-
 def flower_executable(name: str) -> str:
     """Path of a Flower console script (``flower-superlink`` …) installed next to this Python."""
     candidate = Path(sys.executable).parent / name
@@ -73,7 +68,7 @@ class ProcessGroup:
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.env = child_env(env)
+        self.env = {**THREAD_ENV, **os.environ, **FAST_POLL_ENV, **(env or {})}
         # Flower's processes start further Flower scripts by name (flower-superexec, flwr-clientapp …):
         # find those next to this Python even when its environment is not activated.
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])

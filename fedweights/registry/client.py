@@ -20,7 +20,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -30,13 +29,11 @@ from ..proto import registry_pb2 as pb
 from ..proto import registry_pb2_grpc as pb_grpc
 from .auth import channel_credentials, read_token
 from .certificate import certificate_for_run, check_run_model, run_info, unknown_certificate
+from .diff import TensorChange, diff_files
 from .manifest import IntegrityError, Ref, check_chain, check_name, check_tag, decode, parse_ref, payload_mismatches
 from .payload import CHUNK_SIZE, PayloadError, PayloadHasher, digest_file, iter_file
 from .server import KEEPALIVE, MESSAGE_LIMIT
 from .store import NotFound
-
-if TYPE_CHECKING:
-    from .diff import TensorChange
 
 ENV_ADDRESS = "FEDWEIGHTS_REGISTRY"
 ENV_TOKEN_FILE = "FEDWEIGHTS_REGISTRY_TOKEN_FILE"
@@ -230,8 +227,6 @@ class Client:
 
     def diff(self, a: str, b: str) -> list[TensorChange]:
         """Per-tensor L2 and relative change from ``a`` to ``b`` (refs, or local safetensors files)."""
-        from .diff import diff_files  # torch: imported by the one method that needs it
-
         with tempfile.TemporaryDirectory(prefix="fedweights-diff-") as tmp:
             paths = [self._local(ref, Path(tmp) / f"{i}.safetensors") for i, ref in enumerate((a, b))]
             return diff_files(*paths)

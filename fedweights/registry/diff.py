@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from .payload import digest_file
+
+if TYPE_CHECKING:  # tensors come from safe_open(framework="pt"), which imports torch when a diff runs
+    import torch
 
 BLOCK = 1 << 22  # elements per float64 block
 
@@ -69,21 +72,21 @@ def total_change(changes: list[TensorChange]) -> tuple[float, float | None]:
 def _change(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange:
     change_sq = before_sq = 0.0
     for block_a, block_b in _blocks(a, b):
-        change_sq += float(torch.sum((block_b - block_a) ** 2))
-        before_sq += float(torch.sum(block_a**2))
+        change_sq += float(((block_b - block_a) ** 2).sum())
+        before_sq += float((block_a**2).sum())
     change, before = math.sqrt(change_sq), math.sqrt(before_sq)
     return TensorChange(name, "changed", tuple(a.shape), change, before, _relative(change, before))
 
 
 def _l2(tensor: torch.Tensor) -> float:
-    return math.sqrt(sum(float(torch.sum(block**2)) for (block,) in _blocks(tensor)))
+    return math.sqrt(sum(float((block**2).sum()) for (block,) in _blocks(tensor)))
 
 
 def _blocks(*tensors: torch.Tensor):
     """Matching float64 blocks of the flattened tensors."""
     flats = [t.reshape(-1) for t in tensors]
     for start in range(0, flats[0].numel(), BLOCK):
-        yield [f[start : start + BLOCK].to(torch.float64) for f in flats]
+        yield [f[start : start + BLOCK].double() for f in flats]
 
 
 def _relative(change: float, before: float) -> float | None:
