@@ -4,6 +4,7 @@ incomplete setups, the generated Flower App, node settings and process clean-up.
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import socket
 import stat
@@ -197,3 +198,40 @@ def test_a_log_tail_shows_only_what_the_latest_child_wrote(tmp_path):
     assert group.log_tail("node") == "connection reset"
     assert "code: 2004" in (tmp_path / "node.log").read_text()  # the log file keeps both
     group.close()
+
+
+def test_a_client_whose_runtime_port_is_taken_starts_its_supernode_on_another(tmp_path):
+    """The loopback port picked for the SuperNode's Runtime API was free a moment before Flower bound
+    it; a process that took it in between made the client exit ('Runtime HTTP API failed to start')."""
+    script = (
+        "import sys\nfrom fedweights.deploy import client\nfrom fedweights.deploy.processes import free_port\n"
+        "ports = iter([int(sys.argv[1])])\n"
+        "def pick():\n    port = next(ports, None) or free_port()\n    print('runtime port', port, flush=True)\n    return port\n"
+        "client.free_port = pick\n"
+        "client.run_client(f'127.0.0.1:{free_port()}', client.ClientSecurity(insecure=True),\n"
+        "                  client.NodeSettings(partition='0/2', state_dir=sys.argv[2]))\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = subprocess.Popen([sys.executable, "-c", script, str(port), str(tmp_path / "state")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            picked = (line.split()[-1] for line in node.stdout if line.startswith("runtime port"))
+            assert next(picked) == str(port)
+            retried = next(picked, "the client exited")  # picked once the first SuperNode has failed
+            assert retried.isdigit(), retried + (tmp_path / "state" / "logs" / "supernode.log").read_text()
+            deadline = time.monotonic() + 60
+            while not _listening(int(retried)) and node.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert node.poll() is None and _listening(int(retried)), (tmp_path / "state" / "logs" / "supernode.log").read_text()
+            assert f"('127.0.0.1', {port}): address already in use" in (tmp_path / "state" / "logs" / "supernode.log").read_text()
+        finally:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

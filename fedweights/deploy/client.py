@@ -22,6 +22,10 @@ from .processes import ProcessGroup, flower_executable, free_port, split_address
 
 EXIT_AUTH_FAILED = 305  # Flower: the SuperLink refused this node (API error 2004)
 REGISTER_WAIT_SECONDS = 60.0
+# Flower's SuperNode cannot listen on the loopback port chosen for its Runtime API (another process
+# took it between our check and its bind): uvicorn's message; the node is started again on another port.
+RUNTIME_PORT_TAKEN = "error while attempting to bind on address ('127.0.0.1', {port})"
+RUNTIME_PORT_TRIES = 5
 
 
 class NodeNotAuthorized(UserError):
@@ -157,10 +161,8 @@ def run_client(
     if security.insecure:
         console.print("[bold red]WARNING: --insecure: this node's updates travel unencrypted and the server "
                       "is not authenticated. Use --root-cert outside a trusted test network.[/bold red]")
-    runtime_port = free_port()
     # --isolation process: the SuperNode starts no flower-superexec; we run a warm one (warm_executor.py).
-    argv = [flower_executable("flower-supernode"), "--superlink", server, "--port", str(runtime_port),
-            "--isolation", "process",
+    argv = [flower_executable("flower-supernode"), "--superlink", server, "--isolation", "process",
             "--node-config", " ".join(f"{k}={_value(v)}" for k, v in node_config.items())]
     if security.insecure:
         argv.append("--insecure")
@@ -170,9 +172,11 @@ def run_client(
         argv += ["--auth-supernode-private-key", str(Path(security.node_key).resolve())]
     console.print(f"client {name}: SuperNode connecting to {server} (logs: {state_dir / 'logs'})")
     deadline = None  # counted from the first refusal: a node may wait long for the server to come up
+    port_tries = 0
     while True:
+        runtime_port = free_port()  # free a moment ago: another process may bind it first (retried below)
         with ProcessGroup(state_dir / "logs") as group:
-            supernode = group.start("supernode", argv)
+            supernode = group.start("supernode", [*argv, "--port", str(runtime_port)])
             warm = warm_superexec_argv(runtime_port, supernode.pid, node_config.get(keys.NODE_DATA))
             superexec = group.start("superexec", warm)
             while supernode.poll() is None and superexec.poll() is None:
@@ -182,6 +186,9 @@ def run_client(
                                 f"{group.log_tail('superexec', 40)}")
             code = supernode.returncode
             log = group.log_tail("supernode", 40)
+        if code != 0 and RUNTIME_PORT_TAKEN.format(port=runtime_port) in log and port_tries < RUNTIME_PORT_TRIES:
+            port_tries += 1  # the loopback port for its local Runtime API was taken: try another one
+            continue
         refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
         if refused and deadline is None:
             deadline = time.monotonic() + register_wait
