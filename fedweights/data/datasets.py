@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ from ..errors import UserError
 FASHION_MNIST_DIR = Path(os.environ.get("FEDWEIGHTS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 
+@lru_cache(maxsize=4)
 def load_digits_split(seed: int, test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's 8x8 digits (1797 images, 10 classes) as a stratified train/test split.
+    """scikit-learn's 8x8 digits (1797 images, 10 classes) as a stratified train/test split
+    (cached per process: callers share the tensors and must not modify them).
 
     Pixels are scaled to [0, 1]; images are flat 64-vectors.
     """

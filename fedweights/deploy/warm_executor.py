@@ -145,16 +145,23 @@ def _kill(pid: int, sig: int) -> None:
 
 def preload(node_data: str | None = None) -> None:
     """Import what every ClientApp task needs, once (the point of this process), and read the
-    node's own data file: every task is a fork and finds it loaded (``load_node_data``'s cache)."""
+    node's data (its own file, else the built-in digits): every task is a fork and finds it loaded
+    (``load_node_data``'s and ``load_digits_split``'s caches)."""
     import torch  # noqa: F401, PLC0415
     import torch._dynamo  # noqa: F401, PLC0415 - torch.optim imports it at the first optimizer (1.3-1.5 s a task)
 
     import fedweights.flower.client_app  # noqa: F401, PLC0415
+    import fedweights.privacy.dp_sgd  # noqa: F401, PLC0415 - Opacus, which every DP task imports (0.3-0.4 s)
 
     if node_data:
         from fedweights.data.node_data import load_node_data  # noqa: PLC0415
 
         load_node_data(node_data)
+    else:  # a --partition node trains on the built-in digits (scikit-learn import + load: 0.4 s a task)
+        from fedweights.config import RunConfig  # noqa: PLC0415
+        from fedweights.data.datasets import load_digits_split  # noqa: PLC0415
+
+        load_digits_split(seed=RunConfig().seed)  # NumPy only, no torch op: cached for runs with that seed
 
 
 def main(argv: list[str] | None = None) -> None:

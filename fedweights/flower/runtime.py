@@ -7,11 +7,14 @@ Under ``fedweights simulate`` the apps are built with a fixed ``Runtime``; under
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 
 from ..config import RunConfig
-from ..task import Task, resolve_task
+
+if TYPE_CHECKING:  # the task module imports torch: `fedweights client` reads these keys without it
+    from ..task import Task
 
 RUN_ID_KEY = "fedweights-run-id"  # in every train message's config: the run id, the same after --resume
 
@@ -34,6 +37,8 @@ class Runtime:
 
     def task(self) -> Task:
         """The run's Task (built-in, imported, or unpickled), cached per process."""
+        from ..task import resolve_task
+
         return resolve_task(self.config, self.task_file)
 
 
