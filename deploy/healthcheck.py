@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def supernode_urls(proc: Path) -> list[str]:
-    """Health URLs of the flower-supernode processes visible in ``proc`` (their local --port)."""
+    """Health URLs of the SuperNode processes visible in ``proc`` (their local --port)."""
     urls = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -26,7 +26,8 @@ def supernode_urls(proc: Path) -> list[str]:
             argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
         except OSError:
             continue  # the process ended meanwhile
-        if not any(Path(a).name == "flower-supernode" for a in argv[:2]):
+        # `fedweights client` runs Flower's SuperNode as `python -m fedweights.deploy.supernode`
+        if not any(Path(a).name == "flower-supernode" for a in argv[:2]) and "fedweights.deploy.supernode" not in argv[:3]:
             continue
         port = "9094"  # flower-supernode's default
         for i, arg in enumerate(argv):

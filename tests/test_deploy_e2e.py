@@ -88,6 +88,8 @@ def test_a_node_that_waited_for_the_server_is_not_refused_by_its_key_registratio
         dep.client("n0", f"127.0.0.1:{port}", "0/1", "--register-wait", "15")
         time.sleep(17)  # no server yet: longer than --register-wait
         assert dep.procs["n0"].poll() is None, dep.log("n0")
+        superexec_log = tmp_path / "state" / "n0" / "logs" / "superexec.log"
+        started = _wait_for_text(superexec_log, "warm SuperExec ready").count("warm SuperExec ready")
         security = ServerSecurity(tmp_path / "tls", tmp_path / "authorized")
         home = tmp_path / "flwr-home"
         write_flwr_home(home, f"127.0.0.1:{port}", str(tmp_path / "tls" / "ca.crt"))
@@ -105,5 +107,15 @@ def test_a_node_that_waited_for_the_server_is_not_refused_by_its_key_registratio
                 assert dep.procs["n0"].poll() is None, dep.log("n0")
                 assert time.monotonic() < deadline, group.log_tail("superlink", 40)
                 time.sleep(0.2)
+        # the restarted SuperNode kept its warm SuperExec (seconds of imports), which reconnected to it
+        assert _wait_for_text(superexec_log, "Connection successful after").count("warm SuperExec ready") == started
     finally:
         dep.close()
+
+
+def _wait_for_text(path, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (content := path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{text!r} not in {path} after {timeout} s:\n{content[-3000:]}"
+        time.sleep(0.2)
+    return content

@@ -345,16 +345,17 @@ def _fake_proc(root: Path, processes: dict[int, list[str]]) -> Path:
     return root
 
 
+@pytest.mark.parametrize("supernode", [["-m", "fedweights.deploy.supernode"], ["/usr/local/bin/flower-supernode"]],
+                         ids=["fedweights-client", "stock"])
 @pytest.mark.parametrize(("status", "exit_code"), [(200, 0), (503, 1)])
-def test_healthcheck_finds_the_clients_supernode_port(tmp_path, status, exit_code):
+def test_healthcheck_finds_the_clients_supernode_port(tmp_path, status, exit_code, supernode):
     """A client's SuperNode listens on a port `fedweights client` picks; the probe reads it from /proc."""
     handler = type("Handler", (_Health,), {"status": status})
     server = HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     proc = _fake_proc(tmp_path / "proc", {
         1: ["/usr/local/bin/python3.11", "/usr/local/bin/fedweights", "client", "--server=fedweights-server:9092"],
-        42: ["/usr/local/bin/python3.11", "/usr/local/bin/flower-supernode", "--superlink", "fedweights-server:9092",
-             "--port", str(server.server_port)],
+        42: ["/usr/local/bin/python3.11", *supernode, "--superlink", "fedweights-server:9092", "--port", str(server.server_port)],
     })  # fmt: skip
     try:
         result = subprocess.run(

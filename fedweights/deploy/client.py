@@ -7,6 +7,7 @@ secret key and a state directory that keeps its DP accountant across restarts.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -18,7 +19,7 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..flower import runtime as keys
-from .processes import ProcessGroup, flower_executable, free_port, split_address
+from .processes import ProcessGroup, free_port, split_address
 
 EXIT_AUTH_FAILED = 305  # Flower: the SuperLink refused this node (API error 2004)
 REGISTER_WAIT_SECONDS = 60.0
@@ -161,8 +162,9 @@ def run_client(
     if security.insecure:
         console.print("[bold red]WARNING: --insecure: this node's updates travel unencrypted and the server "
                       "is not authenticated. Use --root-cert outside a trusted test network.[/bold red]")
-    # --isolation process: the SuperNode starts no flower-superexec; we run a warm one (warm_executor.py).
-    argv = [flower_executable("flower-supernode"), "--superlink", server, "--isolation", "process",
+    # Flower's flower-supernode with a fix (supernode.py). --isolation process: it starts no
+    # flower-superexec; we run a warm one (warm_executor.py).
+    argv = [sys.executable, "-m", "fedweights.deploy.supernode", "--superlink", server, "--isolation", "process",
             "--node-config", " ".join(f"{k}={_value(v)}" for k, v in node_config.items())]
     if security.insecure:
         argv.append("--insecure")
@@ -173,12 +175,15 @@ def run_client(
     console.print(f"client {name}: SuperNode connecting to {server} (logs: {state_dir / 'logs'})")
     deadline = None  # counted from the first refusal: a node may wait long for the server to come up
     port_tries = 0
-    while True:
-        runtime_port = free_port()  # free a moment ago: another process may bind it first (retried below)
-        with ProcessGroup(state_dir / "logs") as group:
+    with ProcessGroup(state_dir / "logs") as group:
+        superexec = None
+        while True:
+            if superexec is None:  # free a moment ago: another process may bind it first (retried below)
+                runtime_port = free_port()
+                # it outlives SuperNode restarts (its imports take seconds) and ends with this process
+                warm = warm_superexec_argv(runtime_port, os.getpid(), node_config.get(keys.NODE_DATA))
+                superexec = group.start("superexec", warm)
             supernode = group.start("supernode", [*argv, "--port", str(runtime_port)])
-            warm = warm_superexec_argv(runtime_port, supernode.pid, node_config.get(keys.NODE_DATA))
-            superexec = group.start("superexec", warm)
             while supernode.poll() is None and superexec.poll() is None:
                 time.sleep(0.2)
             if supernode.poll() is None:
@@ -186,17 +191,19 @@ def run_client(
                                 f"{group.log_tail('superexec', 40)}")
             code = supernode.returncode
             log = group.log_tail("supernode", 40)
-        if code != 0 and RUNTIME_PORT_TAKEN.format(port=runtime_port) in log and port_tries < RUNTIME_PORT_TRIES:
-            port_tries += 1  # the loopback port for its local Runtime API was taken: try another one
-            continue
-        refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
-        if refused and deadline is None:
-            deadline = time.monotonic() + register_wait
-        if not refused or time.monotonic() >= deadline:
-            break
-        # A server registers node keys just after its SuperLink starts: a node that was quicker retries.
-        console.print("the server refused this node (key not registered yet?); retrying")
-        time.sleep(2)
+            if code != 0 and RUNTIME_PORT_TAKEN.format(port=runtime_port) in log and port_tries < RUNTIME_PORT_TRIES:
+                port_tries += 1  # its local Runtime API port was taken: both start again on another one
+                group.stop("superexec")
+                superexec = None
+                continue
+            refused = code == EXIT_AUTH_FAILED or "code: 2004" in log
+            if refused and deadline is None:
+                deadline = time.monotonic() + register_wait
+            if not refused or time.monotonic() >= deadline:
+                break
+            # A server registers node keys just after its SuperLink starts: a node that was quicker retries.
+            console.print("the server refused this node (key not registered yet?); retrying")
+            time.sleep(2)
     if refused:
         pub = f"{security.node_key}.pub" if security.node_key else "this node's NAME.pub"
         raise NodeNotAuthorized(NOT_REGISTERED.format(pub=pub))
@@ -205,11 +212,11 @@ def run_client(
     return code
 
 
-def warm_superexec_argv(runtime_port: int, supernode_pid: int, node_data: str | None = None) -> list[str]:
-    """The warm SuperExec for a SuperNode whose Runtime API listens on loopback ``runtime_port``
-    (``node_data``: the node's own data file, loaded once for all its tasks)."""
+def warm_superexec_argv(runtime_port: int, parent_pid: int, node_data: str | None = None) -> list[str]:
+    """The warm SuperExec for a SuperNode whose Runtime API listens on loopback ``runtime_port``;
+    it ends with process ``parent_pid`` (``node_data``: the node's own data file, loaded once for all its tasks)."""
     argv = [sys.executable, "-m", "fedweights.deploy.warm_executor", "--runtime-api-address",
-            f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(supernode_pid)]
+            f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(parent_pid)]
     return argv + (["--node-data", str(node_data)] if node_data else [])
 
 

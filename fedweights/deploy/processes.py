@@ -98,22 +98,13 @@ class ProcessGroup:
             text = log.read().decode(errors="replace")
         return "\n".join(text.strip().splitlines()[-lines:])
 
+    def stop(self, name: str) -> None:
+        """Stop the child started as ``name`` (and its descendants), like ``close`` stops them all."""
+        _stop([self.children.pop(name)])
+
     def close(self) -> None:
         """SIGTERM each child and its descendants, wait up to GRACE_SECONDS, then SIGKILL what is left."""
-        family = {pid for proc in self.children.values() for pid in [proc.pid, *descendants(proc.pid)]}
-        for pid in family:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
-        for proc in self.children.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in family | {pid for proc in self.children.values() for pid in descendants(proc.pid)}:
-            _signal(pid, signal.SIGKILL)  # stragglers; a no-op for processes already gone
-        for proc in self.children.values():
-            proc.wait()
-            proc._fedweights_log.close()  # type: ignore[attr-defined]
+        _stop(list(self.children.values()))
         self.children.clear()
 
     def __enter__(self) -> ProcessGroup:
@@ -127,6 +118,23 @@ class ProcessGroup:
         finally:
             for sig, handler in self._old_handlers.items():
                 signal.signal(sig, handler)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    family = {pid for proc in procs for pid in [proc.pid, *descendants(proc.pid)]}
+    for pid in family:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in family | {pid for proc in procs for pid in descendants(proc.pid)}:
+        _signal(pid, signal.SIGKILL)  # stragglers; a no-op for processes already gone
+    for proc in procs:
+        proc.wait()
+        proc._fedweights_log.close()  # type: ignore[attr-defined]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
