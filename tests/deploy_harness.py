@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fedweights.flower.checkpoint import MANIFEST_FILE, checkpoint_dir
+
 from .conftest import REPO, run_cli
 
 
@@ -81,15 +83,14 @@ class Deployment:
             raise AssertionError(f"{name} still running after {timeout} s\n{self.all_logs()}") from None
 
     def wait_for_round(self, run_dir: Path, round_: int, timeout: float, server: str = "server") -> None:
+        """Until round ``round_`` (or a later one) of the run in ``run_dir`` is complete."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs[server].poll() is not None:
                 raise AssertionError(f"{server} exited ({self.procs[server].returncode}) before round {round_}\n{self.all_logs()}")
-            try:
-                rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
-            except (OSError, ValueError):
-                rounds = []
-            if any(r["round"] >= round_ for r in rounds):
+            # complete = recorded in metrics.json and checkpointed (written just after): a crash in between
+            # resumes from the round before, and the tests kill right after this returns
+            if _recorded(run_dir / "metrics.json", round_) and _checkpointed(run_dir, round_):
                 return
             time.sleep(0.5)
         raise AssertionError(f"round {round_} not in {run_dir}/metrics.json after {timeout} s\n{self.all_logs()}")
@@ -120,3 +121,17 @@ class Deployment:
             self.signal_group(name, signal.SIGKILL)
         for proc in self.procs.values():
             proc.wait()
+
+
+def _recorded(metrics: Path, round_: int) -> bool:
+    try:
+        return any(r["round"] >= round_ for r in json.loads(metrics.read_text()).get("rounds", []))
+    except (OSError, ValueError):
+        return False
+
+
+def _checkpointed(run_dir: Path, round_: int) -> bool:
+    try:
+        return json.loads((checkpoint_dir(run_dir) / MANIFEST_FILE).read_text())["round"] >= round_
+    except (OSError, ValueError, KeyError):
+        return False
