@@ -5,7 +5,7 @@ It trains the digits MLP with 10 clients, 2 of which send sign-flipped updates s
 aggregates with the strategy below. The same class works from the command line:
 
     PYTHONPATH=examples .venv/bin/fedweights simulate --clients 10 --malicious 2 \
-        --strategy custom_strategy:TrimmedNormWeightedMean
+        --strategy custom_strategy:TrimmedNormWeightedMean --max-norm-ratio 0
 
 and in any stock Flower ServerApp (``TrimmedNormWeightedMean().start(grid=..., initial_arrays=...)``).
 """
@@ -61,7 +61,9 @@ def main(out: str | None = None) -> fedweights.RunResult:
         clients=10,
         rounds=4,
         local_epochs=2,
-        strategy=StrategyConfig(name="custom_strategy:TrimmedNormWeightedMean"),  # module:Class, as on the CLI
+        # module:Class, as on the CLI; max_norm_ratio=0 turns off fedweights' own screen of updates far
+        # larger than the round's median, so what you see is this strategy's defence alone
+        strategy=StrategyConfig(name="custom_strategy:TrimmedNormWeightedMean", max_norm_ratio=0),
         attack=AttackConfig(malicious=2, kind="sign-flip", scale=10.0),
         out=out,
     )

@@ -142,6 +142,9 @@ class StrategyConfig:
     byzantine: int = 0  # krum / multi-krum: malicious clients to tolerate (f)
     krum_select: int | None = None  # multi-krum: updates to average (default: each round's replies - byzantine)
     max_norm: float | None = None  # update validation: largest accepted L2 norm of an update
+    # update validation: largest accepted ratio of an update's norm to the round's median update norm
+    # (None: DEFAULT_MAX_NORM_RATIO where it applies; 0: off)
+    max_norm_ratio: float | None = None
 
     def validate(self, clients: int) -> None:
         """Check the ranges of the strategy settings (the name is checked when the strategy is built)."""
@@ -150,6 +153,13 @@ class StrategyConfig:
         _positive("strategy.server_lr", self.server_lr)
         _positive("strategy.proximal_mu", self.proximal_mu)
         _positive("strategy.max_norm", self.max_norm)
+        ratio = self.max_norm_ratio
+        if ratio is not None and not (ratio == 0 or ratio > 1):
+            raise ConfigError(
+                "strategy.max_norm_ratio",
+                f"must be > 1 (how many times the round's median update norm an update may be) or 0 to turn "
+                f"the check off, got {ratio}",
+            )
         if not 0 <= self.server_momentum < 1:
             raise ConfigError("strategy.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -287,6 +297,13 @@ class RunConfig:
         self.strategy.validate(self.clients)
         self.attack.validate(self.clients)
         self.user_dp.validate(self.clients, self.strategy.name)
+        if self.user_dp.enabled and self.strategy.max_norm_ratio:
+            raise ConfigError(
+                "strategy.max_norm_ratio",
+                "cannot be used with user-level DP: it would make one client's inclusion depend on the other "
+                "clients' updates, which DP-FedAvg's guarantee does not cover (updates are clipped to "
+                "user_dp.clipping_norm instead); remove it, or use strategy.max_norm (a fixed bound)",
+            )
         _check_switched_off(self)  # after the range checks, which name the actual problem first
 
     @property

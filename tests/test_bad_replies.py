@@ -81,6 +81,13 @@ def list_loss(reply):
                        "metrics": MetricRecord({**metrics, "train_loss": [1.0, 2.0]})})  # fmt: skip
 
 
+def huge_weights(reply):
+    """Finite, but 1e30 times the trained weights: averaged in, the next round trains on NaNs."""
+    arrays, metrics = arrays_and_metrics(reply)
+    return RecordDict({"arrays": ArrayRecord({k: Array(v * np.float32(1e30)) for k, v in arrays.items()}),
+                       "metrics": MetricRecord(metrics)})  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("strategy", "forge", "reason"),
     [
@@ -88,6 +95,7 @@ def list_loss(reply):
         ("fedavgm", reversed_keys, None),  # aggregated by key, not by position
         ("krum", payload_unlike_its_header, "declares float32"),
         ("median", list_loss, "metric keys ['num-examples', 'train_loss[2]'] differ"),
+        ("fedavg", huge_weights, "x the round's median update norm"),  # default max_norm_ratio
     ],
 )
 def test_one_clients_odd_reply_never_takes_the_round_down(tmp_path, strategy, forge, reason):

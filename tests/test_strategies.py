@@ -10,7 +10,14 @@ from flwr.serverapp import strategy as flwr_strategies
 
 from fedweights.config import HEConfig, RunConfig, StrategyConfig, UserDPConfig, load_config
 from fedweights.errors import ConfigError
-from fedweights.strategies import BUILTINS, ValidatedStrategy, build_strategy, check_he_compatible, is_linear
+from fedweights.strategies import (
+    BUILTINS,
+    DEFAULT_MAX_NORM_RATIO,
+    ValidatedStrategy,
+    build_strategy,
+    check_he_compatible,
+    is_linear,
+)
 from fedweights.strategies.multikrum import PerRoundMultiKrum
 
 from .flower_messages import error_reply, train_reply
@@ -52,6 +59,19 @@ def test_strategy_options_reach_the_flower_classes():
     assert (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 5)
     assert built("fedadam", server_lr=0.02).eta == 0.02
     assert build_strategy(RunConfig(strategy=StrategyConfig(max_norm=3.0))).max_norm == 3.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "ratio"),
+    [
+        ({}, DEFAULT_MAX_NORM_RATIO),  # on by default
+        ({"strategy": StrategyConfig(max_norm_ratio=4.0)}, 4.0),
+        ({"strategy": StrategyConfig(max_norm_ratio=0.0)}, None),  # 0 turns it off
+        ({"user_dp": UserDPConfig(enabled=True, clients_per_round=2)}, None),  # clipping bounds updates there
+    ],
+)
+def test_the_median_relative_norm_bound_a_run_applies(settings, ratio):
+    assert build_strategy(RunConfig(**settings)).max_norm_ratio == ratio
 
 
 def test_multi_krum_leaves_out_the_attackers_in_a_round_with_dropouts():
@@ -165,9 +185,9 @@ def test_user_dp_with_he_uses_distributed_noise(tmp_path):
 
 def test_strategy_table_in_toml_and_cli_override(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('clients = 10\n[strategy]\nname = "krum"\nbyzantine = 2\nmax-norm = 4\n[attack]\nmalicious = 2\n')
+    path.write_text('clients = 10\n[strategy]\nname = "krum"\nbyzantine = 2\nmax-norm = 4\nmax-norm-ratio = 6\n[attack]\nmalicious = 2\n')
     config = load_config(path, {"strategy.name": "multi-krum", "attack.kind": "gaussian"})
-    assert config.strategy == StrategyConfig(name="multi-krum", byzantine=2, max_norm=4.0)
+    assert config.strategy == StrategyConfig(name="multi-krum", byzantine=2, max_norm=4.0, max_norm_ratio=6.0)
     assert (config.attack.malicious, config.attack.kind, config.attack.scale) == (2, "gaussian", 10.0)
     assert RunConfig.from_flat(config.to_flat()) == config  # travels through Flower's run config
 
@@ -178,6 +198,9 @@ def test_strategy_table_in_toml_and_cli_override(tmp_path):
         ({"strategy.trim_fraction": 0.5}, "strategy.trim_fraction"),
         ({"strategy.byzantine": 4}, "strategy.byzantine"),
         ({"strategy.max_norm": 0}, "strategy.max_norm"),
+        ({"strategy.max_norm_ratio": 0.5}, "strategy.max_norm_ratio"),
+        ({"strategy.max_norm_ratio": float("nan")}, "strategy.max_norm_ratio"),
+        ({"user_dp.enabled": True, "strategy.max_norm_ratio": 5.0}, "strategy.max_norm_ratio"),
         ({"attack.malicious": 5}, "attack.malicious"),
         ({"attack.kind": "poison"}, "attack.kind"),
         ({"user_dp.enabled": True, "strategy.name": "median"}, "strategy.name"),

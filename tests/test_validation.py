@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Krum
 
 from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
+from fedweights.strategies.validation import norm_outliers
 
 from .flower_messages import NodesGrid, array_record, error_reply, metadata, train_reply
 
@@ -36,8 +37,8 @@ def encoded(declared_dtype: str, declared_shape: tuple, payload: np.ndarray | No
     return Array(dtype=declared_dtype, shape=declared_shape, stype="numpy.ndarray", data=data)
 
 
-def validated(inner=None, max_norm=None) -> ValidatedStrategy:
-    strategy = ValidatedStrategy(inner or FedAvg(min_available_nodes=1), max_norm=max_norm)
+def validated(inner=None, max_norm=None, max_norm_ratio=None) -> ValidatedStrategy:
+    strategy = ValidatedStrategy(inner or FedAvg(min_available_nodes=1), max_norm=max_norm, max_norm_ratio=max_norm_ratio)
     list(strategy.configure_train(1, array_record(GLOBAL), ConfigRecord(), NodesGrid([1, 2])))
     return strategy
 
@@ -84,6 +85,41 @@ def test_norm_bound_excludes_large_updates_only():
     arrays, _ = strategy.aggregate_train(1, [train_reply(1, update(0.5)), train_reply(2, update(-1.0))])
     np.testing.assert_allclose(arrays["b"].numpy(), 0.5)
     assert [r["reason"] for r in rejected_updates(strategy, 1)] == ["update rejected: update norm 2.828 exceeds max_norm 2"]
+
+
+def test_an_update_far_larger_than_the_rounds_median_is_excluded_and_the_others_averaged():
+    strategy = validated(max_norm_ratio=10.0)
+    replies = [train_reply(n, update(v)) for n, v in [(1, 0.1), (2, 0.2), (3, 0.3), (4, 3e37)]]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.2, rtol=1e-6)  # the three honest updates, equal weights
+    (rejection,) = rejected_updates(strategy, 1)
+    assert rejection["node"] == "4"
+    assert rejection["reason"].startswith("update rejected: update norm 8.485e+37 is 1.2e+38x the round's median update norm 0.7071 ")
+    assert "(max_norm_ratio 10;" in rejection["reason"]
+
+
+def test_the_median_is_taken_over_the_updates_that_passed_the_other_checks():
+    """Three broken replies must not pull the median down and get the two real updates rejected."""
+    strategy = validated(max_norm_ratio=10.0)
+    broken = [train_reply(n, update(0.0), train_loss=float("nan")) for n in (5, 6, 7)]
+    arrays, _ = strategy.aggregate_train(1, [*broken, train_reply(1, update(1.0)), train_reply(2, update(3.0))])
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
+    assert sorted(r["node"] for r in rejected_updates(strategy, 1)) == ["5", "6", "7"]
+
+
+@pytest.mark.parametrize(
+    ("norms", "ratio", "expected"),
+    [
+        ([1.0, 2.0, 20.0], 10.0, [False, False, False]),  # exactly 10x the median 2 is accepted
+        ([1.0, 2.0, 20.1], 10.0, [False, False, True]),
+        ([1.0, 1e9], 10.0, [False, False]),  # two updates: no majority to judge by
+        ([0.0, 0.0, 0.0, 5.0], 10.0, [False] * 4),  # median 0: no scale to judge by
+        ([1.0, 2.0, 20.1], None, [False] * 3),  # off
+        ([1.0, 1.0, 1.5, 1.5], 1.2, [False, False, False, False]),  # median 1.25; 1.5 = 1.2x
+    ],
+)
+def test_norm_outliers(norms, ratio, expected):
+    assert [reason is not None for reason in norm_outliers(norms, ratio)] == expected
 
 
 def test_error_replies_are_dropped_before_the_strategy_sees_them():

@@ -14,7 +14,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .registry import BUILTINS, LINEAR_ATTRIBUTE, is_linear, load_strategy_class, make_strategy, strategy_class
 from .user_dp import UserLevelDPFedAvg, user_dp_strategy
-from .validation import ValidatedStrategy, rejected_updates
+from .validation import DEFAULT_MAX_NORM_RATIO, ValidatedStrategy, rejected_updates
 
 
 def build_strategy(config: RunConfig) -> Strategy:
@@ -28,7 +28,17 @@ def build_strategy(config: RunConfig) -> Strategy:
 
         return build_encrypted_strategy(config)
     strategy = user_dp_strategy(config) if config.user_dp.enabled else make_strategy(config)
-    return ValidatedStrategy(strategy, max_norm=config.strategy.max_norm)
+    return ValidatedStrategy(strategy, max_norm=config.strategy.max_norm, max_norm_ratio=max_norm_ratio(config))
+
+
+def max_norm_ratio(config: RunConfig) -> float | None:
+    """The median-relative norm bound the plaintext path applies: the configured one (0: none),
+    else ``DEFAULT_MAX_NORM_RATIO``; none under user-level DP, whose clipping bounds every update and
+    whose guarantee does not cover a screen that depends on the other clients' updates."""
+    ratio = config.strategy.max_norm_ratio
+    if config.user_dp.enabled or ratio == 0:
+        return None
+    return DEFAULT_MAX_NORM_RATIO if ratio is None else ratio
 
 
 def check_he_compatible(config: RunConfig) -> None:
@@ -39,10 +49,11 @@ def check_he_compatible(config: RunConfig) -> None:
         return
     from .encrypted import HE_STRATEGIES
 
-    if config.strategy.max_norm is not None:
-        raise ConfigError(
-            "strategy.max_norm", "cannot be checked on encrypted updates (--he); remove it or run without --he"
-        )
+    for key in ("max_norm", "max_norm_ratio"):
+        if getattr(config.strategy, key):
+            raise ConfigError(
+                f"strategy.{key}", "cannot be checked on encrypted updates (--he); remove it or run without --he"
+            )
 
     name = config.strategy.name
     cls = strategy_class(name)
@@ -64,6 +75,7 @@ def check_he_compatible(config: RunConfig) -> None:
 __all__ = [
     "BUILTINS",
     "FedAvg",
+    "DEFAULT_MAX_NORM_RATIO",
     "LINEAR_ATTRIBUTE",
     "Strategy",
     "UserLevelDPFedAvg",
@@ -73,5 +85,6 @@ __all__ = [
     "is_linear",
     "load_strategy_class",
     "make_strategy",
+    "max_norm_ratio",
     "rejected_updates",
 ]

@@ -7,9 +7,13 @@ Flower's DP wrappers do. A training reply is excluded, with its reason logged an
 - does not carry exactly one ArrayRecord with the global model's keys, shapes and dtypes (declared
   and actually encoded in each array's payload),
 - holds a NaN or infinite value,
-- moves the model further than ``max_norm`` (L2 norm of ``reply - global``, when a bound is set), or
+- moves the model further than ``max_norm`` (L2 norm of ``reply - global``, when a bound is set),
 - lacks a positive, finite example count (the FedAvg weight, at most 2^63), has a metric that is not
-  a finite number (or a loss < 0), or has other metrics than its peers.
+  a finite number (or a loss < 0), or has other metrics than its peers, or
+- moves the model more than ``max_norm_ratio`` times as far as the round's median update (of the
+  replies that passed the checks above, when there are at least 3 and their median norm is > 0):
+  an update orders of magnitude larger than its peers' (a broken client, or a scaling attack)
+  would otherwise drag or overflow the average and end the run in the next round.
 
 Evaluation replies are screened the same way (one MetricRecord, a non-negative finite example count,
 finite metrics, ``eval_accuracy`` in [0, 1], ``eval_loss`` >= 0); rejected ones are kept in
@@ -49,6 +53,10 @@ from .reply_checks import (
 )
 
 REJECTED_PREFIX = "update rejected: "
+DEFAULT_MAX_NORM_RATIO = 10.0
+"""Honest updates measured on digits (10–30 clients, IID to Dirichlet α = 0.1, 1–3 local epochs)
+were at most 5x the round's median norm."""
+MIN_UPDATES_FOR_RATIO = 3  # with 2 updates the median is half the attacker's
 EVALUATION_REJECTED_PREFIX = "evaluation rejected: "
 
 
@@ -57,19 +65,20 @@ class ValidatedStrategy(Strategy):
 
     checkpoint_exclude = ("rejected", "rejected_evaluation", "_global")  # they live within one round
 
-    def __init__(self, strategy: Strategy, max_norm: float | None = None) -> None:
+    def __init__(self, strategy: Strategy, max_norm: float | None = None, max_norm_ratio: float | None = None) -> None:
         self.strategy = strategy
         self.max_norm = max_norm
+        self.max_norm_ratio = max_norm_ratio
         self.rejected: dict[int, list[dict[str, str]]] = {}
         self.rejected_evaluation: dict[int, list[dict[str, str]]] = {}
         self._global: ArrayRecord | None = None
 
     def __repr__(self) -> str:
-        return f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm})"
+        return f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm}, max_norm_ratio={self.max_norm_ratio})"
 
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
-        log(INFO, "\t├──> Update validation: max_norm=%s", self.max_norm)
+        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s", self.max_norm, self.max_norm_ratio)
         self.strategy.summary()
 
     def configure_train(
@@ -112,15 +121,22 @@ class ValidatedStrategy(Strategy):
         usual = usual_signature(candidates)
         array_name, metric_name = record_names(candidates)
         reference = {k: a.numpy() for k, a in self._global.items()}
-        accepted, rejected = [], []
+        passed, norms, rejected = [], [], []
         for reply in candidates:
-            problem = update_problem(reply, self._global, self.max_norm, reference) or metrics_problem(
-                reply, weight_key, usual
-            )
+            problem, norm = _checked_update(reply, self._global, self.max_norm, reference)
+            problem = problem or metrics_problem(reply, weight_key, usual)
             if problem is None:
-                accepted.append(canonical_copy(reply, array_name, ordered_like(self._global, reply), metric_name))
+                passed.append(reply)
+                norms.append(norm)
             else:
                 rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + problem})
+        outliers = norm_outliers(norms, self.max_norm_ratio)
+        accepted = []
+        for reply, outlier in zip(passed, outliers, strict=True):
+            if outlier is None:
+                accepted.append(canonical_copy(reply, array_name, ordered_like(self._global, reply), metric_name))
+            else:
+                rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + outlier})
         return accepted, rejected
 
     def configure_evaluate(
@@ -157,21 +173,36 @@ def screen_evaluation(
     return accepted, rejected
 
 
-def update_problem(
-    reply: Message,
-    global_arrays: ArrayRecord,
-    max_norm: float | None = None,
-    reference: Mapping[str, np.ndarray] | None = None,
-) -> str | None:
-    """Why a reply's arrays cannot be aggregated into ``global_arrays`` (None when they can);
-    ``reference`` is ``global_arrays`` decoded, when the caller has it already."""
-    if reference is None:
-        reference = {k: a.numpy() for k, a in global_arrays.items()}
+def _checked_update(
+    reply: Message, global_arrays: ArrayRecord, max_norm: float | None, reference: Mapping[str, np.ndarray]
+) -> tuple[str | None, float | None]:
+    """Why a reply's arrays cannot be aggregated into ``global_arrays`` (None when they can), and the
+    update's norm (None when they cannot); ``reference`` is ``global_arrays`` decoded."""
     values, problem = decoded_arrays(reply, global_arrays)
-    if problem is not None or max_norm is None:
-        return problem
+    if problem is not None:
+        return problem, None
     norm = update_norm(values, reference)
-    return None if norm <= max_norm else f"update norm {norm:.4g} exceeds max_norm {max_norm:g}"
+    if max_norm is not None and norm > max_norm:
+        return f"update norm {norm:.4g} exceeds max_norm {max_norm:g}", norm
+    return None, norm
+
+
+def norm_outliers(norms: list[float], max_ratio: float | None) -> list[str | None]:
+    """Per update norm, why it is too large next to the round's median norm (None when it is not):
+    more than ``max_ratio`` times the median, judged only with ``MIN_UPDATES_FOR_RATIO`` updates or
+    more and a positive median."""
+    if max_ratio is None or len(norms) < MIN_UPDATES_FOR_RATIO:
+        return [None] * len(norms)
+    median = float(np.median(norms))
+    if not median > 0:
+        return [None] * len(norms)
+    return [
+        None if norm <= max_ratio * median else (
+            f"update norm {norm:.4g} is {norm / median:.3g}x the round's median update norm {median:.4g} "
+            f"(max_norm_ratio {max_ratio:g}; raise it, or 0 turns this check off, if such updates are expected)"
+        )
+        for norm in norms
+    ]
 
 
 def model_problem(arrays: ArrayRecord, reference: ArrayRecord, same_dtypes: bool = True) -> str | None:
