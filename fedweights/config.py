@@ -145,6 +145,7 @@ class StrategyConfig:
     # update validation: largest accepted ratio of an update's norm to the round's median update norm
     # (None: DEFAULT_MAX_NORM_RATIO where it applies; 0: off)
     max_norm_ratio: float | None = None
+    max_examples: int | None = None  # update validation: largest example count (FedAvg weight) a reply may claim
 
     def validate(self, clients: int) -> None:
         """Check the ranges of the strategy settings (the name is checked when the strategy is built)."""
@@ -153,6 +154,8 @@ class StrategyConfig:
         _positive("strategy.server_lr", self.server_lr)
         _positive("strategy.proximal_mu", self.proximal_mu)
         _positive("strategy.max_norm", self.max_norm)
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError("strategy.max_examples", f"must be >= 1 (or left unset), got {self.max_examples}")
         ratio = self.max_norm_ratio
         if ratio is not None and not (ratio == 0 or ratio > 1):
             raise ConfigError(

@@ -176,3 +176,39 @@ def test_one_bad_evaluation_reply_under_he_is_left_out_not_fatal(keys):
     assert metrics["eval_accuracy"] == pytest.approx(0.8)
     assert [r["node"] for r in strategy.rejected_evaluation[1]] == ["1", "2"]
     assert all(r["reason"].startswith("evaluation rejected: ") for r in strategy.rejected_evaluation[1])
+
+
+class CountingGrid(NodesGrid):
+    """Nodes that answer the coordinator's example-count query with ``counts``."""
+
+    def __init__(self, counts: dict[int, int]) -> None:
+        super().__init__(counts)
+        self.counts = counts
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+        return [
+            Message(RecordDict({"metrics": MetricRecord({"num-examples": self.counts[m.metadata.dst_node_id]})}), reply_to=m)
+            for m in messages
+        ]
+
+
+def test_max_examples_under_he_refuses_a_node_that_claims_more_in_its_count_or_its_update(keys):
+    """The counts are plaintext under --he too (FedAvg's weights): a node claiming more than
+    max_examples is left out of the normaliser, and an update whose header claims more is refused."""
+    client, server = keys
+    counts = {1: 30, 2: 10**9, 3: 40}
+    strategy = EncryptedFedAvg(server, max_examples=45, min_train_nodes=2, min_available_nodes=3)
+    states = model_states(3, seed=13)
+    initial = ArrayRecord({k: v.clone() for k, v in states[0].items()})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord({}), CountingGrid(counts)))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 3]
+    assert int(sent[0].content["config"]["he-normaliser"]) == 70  # node 2's claim is not in it
+    assert strategy.rejected[1] == [{"node": "2", "reason": "reports 1000000000 examples, more than max_examples 45"}]
+
+    good = encrypt_update(client, states[0], 30, 70, server_round=1)
+    inflated = rebuild(encrypt_update(client, states[1], 40, 70, server_round=1), edit_header=_set("num_examples", 46))
+    strategy.aggregate_train(1, [_reply(1, good, 30), _reply(3, inflated, 46)])
+    assert strategy.rejected[1][1] == {
+        "node": "3", "reason": "update rejected: it claims 46 examples, more than max_examples 45"
+    }
+    assert strategy.counts[3] == 40  # the inflated claim is not learnt for the next round's normaliser

@@ -59,6 +59,7 @@ def test_strategy_options_reach_the_flower_classes():
     assert (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 5)
     assert built("fedadam", server_lr=0.02).eta == 0.02
     assert build_strategy(RunConfig(strategy=StrategyConfig(max_norm=3.0))).max_norm == 3.0
+    assert build_strategy(RunConfig(strategy=StrategyConfig(max_examples=500))).max_examples == 500
 
 
 @pytest.mark.parametrize(
@@ -199,6 +200,7 @@ def test_strategy_table_in_toml_and_cli_override(tmp_path):
         ({"strategy.byzantine": 4}, "strategy.byzantine"),
         ({"strategy.max_norm": 0}, "strategy.max_norm"),
         ({"strategy.max_norm_ratio": 0.5}, "strategy.max_norm_ratio"),
+        ({"strategy.max_examples": 0}, "strategy.max_examples"),
         ({"strategy.max_norm_ratio": float("nan")}, "strategy.max_norm_ratio"),
         ({"user_dp.enabled": True, "strategy.max_norm_ratio": 5.0}, "strategy.max_norm_ratio"),
         ({"attack.malicious": 5}, "attack.malicious"),

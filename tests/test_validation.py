@@ -37,8 +37,10 @@ def encoded(declared_dtype: str, declared_shape: tuple, payload: np.ndarray | No
     return Array(dtype=declared_dtype, shape=declared_shape, stype="numpy.ndarray", data=data)
 
 
-def validated(inner=None, max_norm=None, max_norm_ratio=None) -> ValidatedStrategy:
-    strategy = ValidatedStrategy(inner or FedAvg(min_available_nodes=1), max_norm=max_norm, max_norm_ratio=max_norm_ratio)
+def validated(inner=None, max_norm=None, max_norm_ratio=None, max_examples=None) -> ValidatedStrategy:
+    strategy = ValidatedStrategy(
+        inner or FedAvg(min_available_nodes=1), max_norm=max_norm, max_norm_ratio=max_norm_ratio, max_examples=max_examples
+    )
     list(strategy.configure_train(1, array_record(GLOBAL), ConfigRecord(), NodesGrid([1, 2])))
     return strategy
 
@@ -259,3 +261,19 @@ def test_evaluation_replies_without_examples_are_left_out_and_all_empty_gives_no
     assert strategy.aggregate_evaluate(1, empty) is None  # Flower divided by a zero total
     metrics = strategy.aggregate_evaluate(2, [*empty, evaluation_reply(3, name="results")])
     assert metrics["eval_accuracy"] == pytest.approx(0.9) and strategy.rejected_evaluation[2] == []
+
+
+def test_a_client_claiming_more_examples_than_max_examples_gets_no_weight():
+    """FedAvg weighs by the clients' own counts: a claim of 10^12 examples would set the model alone."""
+    strategy = validated(max_examples=400)
+    honest = [train_reply(1, update(1.0), num_examples=400), train_reply(2, update(2.0), num_examples=200)]
+    arrays, _ = strategy.aggregate_train(1, [*honest, train_reply(3, update(-50.0), num_examples=1e12)])
+    np.testing.assert_allclose(arrays["w"].numpy(), (400 * 1.0 + 200 * 2.0) / 600)
+    assert [r["reason"] for r in rejected_updates(strategy, 1)] == [
+        "update rejected: 'num-examples' is 1e+12, more than max_examples 400"
+    ]
+    metrics = strategy.aggregate_evaluate(1, [evaluation_reply(1), evaluation_reply(3, eval_accuracy=0.0, **{"num-examples": 401})])
+    assert metrics["eval_accuracy"] == pytest.approx(0.9)
+    assert [r["reason"] for r in strategy.rejected_evaluation[1]] == [
+        "evaluation rejected: 'num-examples' is 401, more than max_examples 400"
+    ]

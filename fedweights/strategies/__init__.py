@@ -28,7 +28,12 @@ def build_strategy(config: RunConfig) -> Strategy:
 
         return build_encrypted_strategy(config)
     strategy = user_dp_strategy(config) if config.user_dp.enabled else make_strategy(config)
-    return ValidatedStrategy(strategy, max_norm=config.strategy.max_norm, max_norm_ratio=max_norm_ratio(config))
+    return ValidatedStrategy(
+        strategy,
+        max_norm=config.strategy.max_norm,
+        max_norm_ratio=max_norm_ratio(config),
+        max_examples=config.strategy.max_examples,
+    )
 
 
 def max_norm_ratio(config: RunConfig) -> float | None:

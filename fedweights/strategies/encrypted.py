@@ -72,6 +72,7 @@ class EncryptedFedAvg(FedAvg):
         query_timeout: float = 600.0,
         train_config: dict | None = None,
         state_section: str | None = None,
+        max_examples: int | None = None,
         **fedavg_kwargs,
     ) -> None:
         if key.is_secret:
@@ -81,6 +82,7 @@ class EncryptedFedAvg(FedAvg):
         self.query_timeout = query_timeout
         self.train_config = dict(train_config or {})  # extra train-config entries (e.g. FedProx's mu)
         self.state_section = state_section
+        self.max_examples = max_examples
         self.counts: dict[int, int] = {}  # node id → the example count it last reported
         self.layout: tuple[TensorInfo, ...] | None = None
         self.rejected: dict[int, list[dict[str, str]]] = {}  # round → refused nodes/updates, with reasons
@@ -149,6 +151,10 @@ class EncryptedFedAvg(FedAvg):
             node = reply.metadata.src_node_id
             try:
                 header = self._check_reply(reply.content)
+                if self.max_examples is not None and header.num_examples > self.max_examples:
+                    raise EnvelopeError(
+                        f"it claims {header.num_examples} examples, more than max_examples {self.max_examples}"
+                    )
                 if header.num_examples >= 1:  # the count to plan the next round's normaliser with
                     self.counts[node] = header.num_examples
                 planned = self._planned.get(node, 0)
@@ -174,7 +180,9 @@ class EncryptedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """FedAvg's average of the evaluation replies that pass the plaintext path's checks (the
         metrics are plaintext under --he too): one bad reply is left out, not fatal to the run."""
-        accepted, self.rejected_evaluation[server_round] = screen_evaluation(server_round, replies, self.weighted_by_key)
+        accepted, self.rejected_evaluation[server_round] = screen_evaluation(
+            server_round, replies, self.weighted_by_key, self.max_examples
+        )
         return super().aggregate_evaluate(server_round, accepted)
 
     def _check_reply(self, content: RecordDict) -> pb.EncryptedHeader:
@@ -209,11 +217,13 @@ class EncryptedFedAvg(FedAvg):
             count = None
             if not reply.has_error() and "metrics" in reply.content.metric_records:
                 count = reply.content.metric_records["metrics"].get(self.weighted_by_key)
-            if isinstance(count, int) and count >= 1:
-                self.counts[node] = count
-            else:
+            if reply.has_error() or not (isinstance(count, int) and count >= 1):
                 reason = reply.error.reason if reply.has_error() else f"invalid count {count!r}"
                 self._reject(node, f"did not report its example count: {reason}")
+            elif self.max_examples is not None and count > self.max_examples:
+                self._reject(node, f"reports {count} examples, more than max_examples {self.max_examples}")
+            else:
+                self.counts[node] = count
         for node in set(node_ids) - answered:
             self._reject(node, "did not report its example count within round_timeout")
 
@@ -245,5 +255,5 @@ def build_encrypted_strategy(config: RunConfig) -> EncryptedFedAvg:
         return encrypted_user_dp_strategy(config, key)
     return EncryptedFedAvg(
         key, query_timeout=config.round_timeout, train_config=extra, state_section=section_of(config),
-        **sampling_options(config),
+        max_examples=config.strategy.max_examples, **sampling_options(config),
     )

@@ -98,4 +98,5 @@ def encrypted_user_dp_strategy(config: RunConfig, key: HEKey) -> EncryptedUserDP
         fraction_evaluate=options["fraction_evaluate"],
         min_evaluate_nodes=options["min_evaluate_nodes"],
         min_available_nodes=options["min_available_nodes"],
+        max_examples=config.strategy.max_examples,  # refused above it, as on the plaintext path
     )

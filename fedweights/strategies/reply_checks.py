@@ -100,9 +100,14 @@ def update_norm(values: Mapping[str, np.ndarray], reference_values: Mapping[str,
 
 
 def metrics_problem(
-    reply: Message, weight_key: str, usual: Signature | None, zero_weight_ok: bool = False
+    reply: Message,
+    weight_key: str,
+    usual: Signature | None,
+    zero_weight_ok: bool = False,
+    max_examples: int | None = None,
 ) -> str | None:
-    """Why the reply's one MetricRecord cannot be aggregated (None when it can)."""
+    """Why the reply's one MetricRecord cannot be aggregated (None when it can); ``max_examples``
+    is the largest example count (the aggregation weight) accepted, when one is set."""
     records = reply.content.metric_records
     if len(records) != 1:
         return f"expected one MetricRecord, got {len(records)}"
@@ -113,6 +118,8 @@ def metrics_problem(
         return f"'{weight_key}' must be a {lowest} finite number, got {weight!r}"
     if weight > MAX_WEIGHT:
         return f"'{weight_key}' is {weight:.4g}, more than the largest accepted count 2^63"
+    if max_examples is not None and weight > max_examples:
+        return f"'{weight_key}' is {weight:.6g}, more than max_examples {max_examples}"
     for key, value in metrics.items():
         problem = _value_problem(key, value)
         if problem is not None:

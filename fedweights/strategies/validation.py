@@ -8,14 +8,16 @@ Flower's DP wrappers do. A training reply is excluded, with its reason logged an
   and actually encoded in each array's payload),
 - holds a NaN or infinite value,
 - moves the model further than ``max_norm`` (L2 norm of ``reply - global``, when a bound is set),
-- lacks a positive, finite example count (the FedAvg weight, at most 2^63), has a metric that is not
+- lacks a positive, finite example count (the FedAvg weight, at most 2^63 and at most ``max_examples``
+  when that is set: clients' counts are otherwise taken on trust), has a metric that is not
   a finite number (or a loss < 0), or has other metrics than its peers, or
 - moves the model more than ``max_norm_ratio`` times as far as the round's median update (of the
   replies that passed the checks above, when there are at least 3 and their median norm is > 0):
   an update orders of magnitude larger than its peers' (a broken client, or a scaling attack)
   would otherwise drag or overflow the average and end the run in the next round.
 
-Evaluation replies are screened the same way (one MetricRecord, a non-negative finite example count,
+Evaluation replies are screened the same way (one MetricRecord, a non-negative finite example count
+within ``max_examples``,
 finite metrics, ``eval_accuracy`` in [0, 1], ``eval_loss`` >= 0); rejected ones are kept in
 ``rejected_evaluation[server_round]`` and replies with 0 examples are left out of the average.
 
@@ -65,20 +67,29 @@ class ValidatedStrategy(Strategy):
 
     checkpoint_exclude = ("rejected", "rejected_evaluation", "_global")  # they live within one round
 
-    def __init__(self, strategy: Strategy, max_norm: float | None = None, max_norm_ratio: float | None = None) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        max_norm: float | None = None,
+        max_norm_ratio: float | None = None,
+        max_examples: int | None = None,
+    ) -> None:
         self.strategy = strategy
         self.max_norm = max_norm
         self.max_norm_ratio = max_norm_ratio
+        self.max_examples = max_examples
         self.rejected: dict[int, list[dict[str, str]]] = {}
         self.rejected_evaluation: dict[int, list[dict[str, str]]] = {}
         self._global: ArrayRecord | None = None
 
     def __repr__(self) -> str:
-        return f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm}, max_norm_ratio={self.max_norm_ratio})"
+        return (f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm}, "
+                f"max_norm_ratio={self.max_norm_ratio}, max_examples={self.max_examples})")
 
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
-        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s", self.max_norm, self.max_norm_ratio)
+        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s, max_examples=%s",
+            self.max_norm, self.max_norm_ratio, self.max_examples)
         self.strategy.summary()
 
     def configure_train(
@@ -124,7 +135,7 @@ class ValidatedStrategy(Strategy):
         passed, norms, rejected = [], [], []
         for reply in candidates:
             problem, norm = _checked_update(reply, self._global, self.max_norm, reference)
-            problem = problem or metrics_problem(reply, weight_key, usual)
+            problem = problem or metrics_problem(reply, weight_key, usual, max_examples=self.max_examples)
             if problem is None:
                 passed.append(reply)
                 norms.append(norm)
@@ -148,12 +159,14 @@ class ValidatedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate the accepted evaluation replies (those with examples) with the wrapped strategy."""
         weight_key = getattr(self.strategy, "weighted_by_key", "num-examples")
-        accepted, self.rejected_evaluation[server_round] = screen_evaluation(server_round, replies, weight_key)
+        accepted, self.rejected_evaluation[server_round] = screen_evaluation(
+            server_round, replies, weight_key, self.max_examples
+        )
         return self.strategy.aggregate_evaluate(server_round, accepted)
 
 
 def screen_evaluation(
-    server_round: int, replies: Iterable[Message], weight_key: str = "num-examples"
+    server_round: int, replies: Iterable[Message], weight_key: str = "num-examples", max_examples: int | None = None
 ) -> tuple[list[Message], list[dict[str, str]]]:
     """Canonical copies of the evaluation replies that can be averaged (a reply with 0 examples is
     left out, not rejected: it has nothing to report), and ``{"node", "reason"}`` records of the
@@ -163,7 +176,7 @@ def screen_evaluation(
     _, metric_name = record_names(candidates)
     accepted, rejected = [], []
     for reply in candidates:
-        problem = metrics_problem(reply, weight_key, usual, zero_weight_ok=True)
+        problem = metrics_problem(reply, weight_key, usual, zero_weight_ok=True, max_examples=max_examples)
         if problem is not None:
             node = str(reply.metadata.src_node_id)
             log(WARNING, "round %d: node %s: %s%s", server_round, node, EVALUATION_REJECTED_PREFIX, problem)
