@@ -57,7 +57,8 @@ from .reply_checks import (
 REJECTED_PREFIX = "update rejected: "
 DEFAULT_MAX_NORM_RATIO = 10.0
 """Honest updates measured on digits (10–30 clients, IID to Dirichlet α = 0.1, 1–3 local epochs)
-were at most 5x the round's median norm."""
+were at most 5x the round's median norm, on Fashion-MNIST (10–30 clients, Dirichlet α = 0.1 and
+0.5, shards of 17 to 13,142 examples) at most 2.2x."""
 MIN_UPDATES_FOR_RATIO = 3  # with 2 updates the median is half the attacker's
 EVALUATION_REJECTED_PREFIX = "evaluation rejected: "
 
