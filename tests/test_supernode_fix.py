@@ -5,6 +5,7 @@ blocks the node's next real one: seen as a resumed deployment round timing out f
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 
 import pytest
@@ -17,7 +18,8 @@ from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import start_client_internal
 from flwr.supernode.nodestate import NodeStateFactory
 
-from fedweights.deploy.supernode import pull_and_store_without_leftovers
+from fedweights.deploy import supernode
+from fedweights.deploy.supernode import IDLE_PULL_SECONDS, CappedSleep, pull_and_store_without_leftovers
 
 RUN_ID, NODE_ID = 42, 7
 
@@ -77,3 +79,24 @@ def test_a_message_of_a_running_run_is_stored_for_its_task_as_before():
     assert task.status.status == Status.PENDING and task.run_id == RUN_ID
     assert [m.metadata.message_id for m in state.get_messages_legacy(run_ids=[RUN_ID])] == [message.metadata.message_id]
     assert not hasattr(state, "__dict__") or "create_task" not in vars(state)  # the wrapper is gone
+
+
+def test_the_idle_wait_is_capped_and_the_reply_waits_are_not():
+    slept = []
+    clock = CappedSleep(IDLE_PULL_SECONDS, sleep=slept.append)
+    clock.sleep(3)  # Flower's wait after a pull that found no message
+    clock.sleep(0.5)  # its wait for a ClientApp's reply
+    assert slept == [IDLE_PULL_SECONDS, 0.5] and IDLE_PULL_SECONDS < 3
+    assert clock.monotonic() <= time.monotonic()  # everything else is the time module's
+
+
+def test_install_reaches_the_names_flowers_loop_uses(monkeypatch):
+    """If a Flower upgrade renames them, the fix and the shorter wait would silently not apply."""
+    source = inspect.getsource(start_client_internal.start_client_internal)
+    assert "time.sleep(3)" in source and "_pull_and_store_message(" in source
+    assert start_client_internal.time is time
+    for name in ("time", "_pull_and_store_message"):  # restored after the test
+        monkeypatch.setattr(start_client_internal, name, getattr(start_client_internal, name))
+    supernode.install()
+    assert isinstance(start_client_internal.time, CappedSleep)
+    assert start_client_internal._pull_and_store_message is pull_and_store_without_leftovers

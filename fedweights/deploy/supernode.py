@@ -1,5 +1,5 @@
-"""Flower's ``flower-supernode`` with one fix, run by ``fedweights client``: ``python -m
-fedweights.deploy.supernode ARGS`` takes the same arguments.
+"""Flower's ``flower-supernode`` with a fix and a shorter idle wait, run by ``fedweights client``:
+``python -m fedweights.deploy.supernode ARGS`` takes the same arguments.
 
 The fix (flwr 1.42): the SuperNode creates the ClientApp task for a message it pulls before it
 fetches the message's contents. When the SuperLink then answers that the message's run is no longer
@@ -10,10 +10,17 @@ still runs, and its stale reply takes the place of the next real one in the Supe
 one-message-at-a-time push: that reply is never sent and the resumed round times out for the node.
 Here the two calls of that pull step raise the answer as an ordinary ``Exception``, so Flower's own
 clean-up runs (message and objects deleted, task finished as failed, "Failed to receive" logged).
+
+The idle wait: after a pull that finds no message Flower's SuperNode sleeps 3 s, so each message
+of a round (train, then evaluate, then the next round's train) waited 1.5 s on average, up to 3 s,
+before the node even saw it. Here that sleep is ``IDLE_PULL_SECONDS`` (1 s: one HTTP pull per idle
+node per second). Measured with 2 nodes on digits (mean of rounds 2–6, three runs each,
+interleaved): 10.2–10.7 s per round with Flower's 3 s, 6.8–8.8 s with 1 s.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flwr.supercore.run import RunNotRunningException
@@ -21,6 +28,7 @@ from flwr.supernode import start_client_internal
 from flwr.supernode.cli.flower_supernode import flower_supernode
 
 _flower_pull_and_store = start_client_internal._pull_and_store_message  # noqa: SLF001 - the function fixed here
+IDLE_PULL_SECONDS = 1.0
 
 
 class RunStopped(Exception):
@@ -45,9 +53,29 @@ def pull_and_store_without_leftovers(**kwargs):
     return _flower_pull_and_store(**kwargs)
 
 
-def main() -> None:
-    """Run ``flower-supernode`` (arguments from ``sys.argv``) with the fix above."""
+class CappedSleep:
+    """The ``time`` module as Flower's SuperNode loop sees it: ``sleep`` waits at most ``most``
+    seconds (its 3 s idle wait; its 0.5 s waits for a reply stay as they are)."""
+
+    def __init__(self, most: float, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.most, self._sleep = most, sleep
+
+    def sleep(self, seconds: float) -> None:  # noqa: D102 - time.sleep
+        self._sleep(min(seconds, self.most))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def install() -> None:
+    """Apply the fix and the idle wait to Flower's SuperNode loop in this process."""
     start_client_internal._pull_and_store_message = pull_and_store_without_leftovers  # noqa: SLF001
+    start_client_internal.time = CappedSleep(IDLE_PULL_SECONDS)
+
+
+def main() -> None:
+    """Run ``flower-supernode`` (arguments from ``sys.argv``) with the changes above."""
+    install()
     flower_supernode()
 
 
