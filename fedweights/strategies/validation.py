@@ -59,7 +59,7 @@ DEFAULT_MAX_NORM_RATIO = 10.0
 """Honest updates measured on digits (10–30 clients, IID to Dirichlet α = 0.1, 1–3 local epochs)
 were at most 5x the round's median norm, on Fashion-MNIST (10–30 clients, Dirichlet α = 0.1 and
 0.5, shards of 17 to 13,142 examples) at most 2.2x."""
-MIN_UPDATES_FOR_RATIO = 3  # with 2 updates the median is half the attacker's
+MIN_UPDATES_FOR_RATIO = 3  # the median of 2 norms is their mean: an outlier would set its own scale
 EVALUATION_REJECTED_PREFIX = "evaluation rejected: "
 
 
@@ -134,8 +134,9 @@ class ValidatedStrategy(Strategy):
         array_name, metric_name = record_names(candidates)
         reference = {k: a.numpy() for k, a in self._global.items()}
         passed, norms, rejected = [], [], []
+        norm_needed = self.max_norm_ratio is not None
         for reply in candidates:
-            problem, norm = _checked_update(reply, self._global, self.max_norm, reference)
+            problem, norm = _checked_update(reply, self._global, self.max_norm, reference, norm_needed)
             problem = problem or metrics_problem(reply, weight_key, usual, max_examples=self.max_examples)
             if problem is None:
                 passed.append(reply)
@@ -188,12 +189,17 @@ def screen_evaluation(
 
 
 def _checked_update(
-    reply: Message, global_arrays: ArrayRecord, max_norm: float | None, reference: Mapping[str, np.ndarray]
+    reply: Message,
+    global_arrays: ArrayRecord,
+    max_norm: float | None,
+    reference: Mapping[str, np.ndarray],
+    norm_needed: bool,
 ) -> tuple[str | None, float | None]:
     """Why a reply's arrays cannot be aggregated into ``global_arrays`` (None when they can), and the
-    update's norm (None when they cannot); ``reference`` is ``global_arrays`` decoded."""
+    update's norm (None when they cannot, or when neither ``max_norm`` nor ``norm_needed`` asks for
+    it); ``reference`` is ``global_arrays`` decoded."""
     values, problem = decoded_arrays(reply, global_arrays)
-    if problem is not None:
+    if problem is not None or (max_norm is None and not norm_needed):
         return problem, None
     norm = update_norm(values, reference)
     if max_norm is not None and norm > max_norm:
