@@ -19,7 +19,7 @@ from flwr.supernode import start_client_internal
 from flwr.supernode.nodestate import NodeStateFactory
 
 from fedweights.deploy import supernode
-from fedweights.deploy.supernode import IDLE_PULL_SECONDS, CappedSleep, pull_and_store_without_leftovers
+from fedweights.deploy.supernode import ACTIVE_SECONDS, IDLE_PULL_SECONDS, PullPacing, pull_and_store_without_leftovers
 
 RUN_ID, NODE_ID = 42, 7
 
@@ -81,13 +81,31 @@ def test_a_message_of_a_running_run_is_stored_for_its_task_as_before():
     assert not hasattr(state, "__dict__") or "create_task" not in vars(state)  # the wrapper is gone
 
 
-def test_the_idle_wait_is_capped_and_the_reply_waits_are_not():
-    slept = []
-    clock = CappedSleep(IDLE_PULL_SECONDS, sleep=slept.append)
-    clock.sleep(3)  # Flower's wait after a pull that found no message
-    clock.sleep(0.5)  # its wait for a ClientApp's reply
-    assert slept == [IDLE_PULL_SECONDS, 0.5] and IDLE_PULL_SECONDS < 3
-    assert clock.monotonic() <= time.monotonic()  # everything else is the time module's
+def test_the_idle_wait_is_short_in_a_run_and_flowers_otherwise():
+    slept, now = [], [100.0]
+    pacing = PullPacing(IDLE_PULL_SECONDS, ACTIVE_SECONDS, sleep=slept.append, clock=lambda: now[0])
+    pacing.sleep(3)  # no message yet: Flower's wait after an empty pull
+    pacing.message_pulled()
+    now[0] += ACTIVE_SECONDS - 1
+    pacing.sleep(3)  # in a run
+    pacing.sleep(0.5)  # Flower's wait for a ClientApp's reply
+    now[0] += 2
+    pacing.sleep(3)  # no message for ACTIVE_SECONDS: idle again
+    assert slept == [3, IDLE_PULL_SECONDS, 0.5, 3] and IDLE_PULL_SECONDS < 3
+    assert pacing.monotonic() <= time.monotonic()  # everything else is the time module's
+
+
+def test_a_pulled_message_marks_the_node_as_in_a_run(monkeypatch):
+    marked = []
+    monkeypatch.setattr(supernode.PACING, "message_pulled", lambda: marked.append(True))
+    state, store = _node()
+    empty = pull_and_store_without_leftovers(state=state, object_store=store, node_config={}, receive=lambda: None,
+                                             get_run=None, get_fab=None, pull_object=lambda *_: b"",
+                                             confirm_message_received=lambda *_: None, trusted_entities=None)  # fmt: skip
+    assert empty is None and _pull(pull_and_store_without_leftovers, state, store, _train_message(), False) is None
+    assert marked == []  # neither an empty pull nor a stopped run's message
+    assert _pull(pull_and_store_without_leftovers, state, store, _train_message(), run_running=True) == RUN_ID
+    assert marked == [True]
 
 
 def test_install_reaches_the_names_flowers_loop_uses(monkeypatch):
@@ -98,5 +116,5 @@ def test_install_reaches_the_names_flowers_loop_uses(monkeypatch):
     for name in ("time", "_pull_and_store_message"):  # restored after the test
         monkeypatch.setattr(start_client_internal, name, getattr(start_client_internal, name))
     supernode.install()
-    assert isinstance(start_client_internal.time, CappedSleep)
+    assert start_client_internal.time is supernode.PACING
     assert start_client_internal._pull_and_store_message is pull_and_store_without_leftovers
