@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Krum
 
 from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
+from fedweights.strategies.reply_checks import update_norm
 from fedweights.strategies.validation import norm_outliers
 
 from .flower_messages import NodesGrid, array_record, error_reply, metadata, train_reply
@@ -277,3 +278,14 @@ def test_a_client_claiming_more_examples_than_max_examples_gets_no_weight():
     assert [r["reason"] for r in strategy.rejected_evaluation[1]] == [
         "evaluation rejected: 'num-examples' is 401, more than max_examples 400"
     ]
+
+
+def test_update_norm_is_the_float64_norm_of_the_whole_difference():
+    rng = np.random.default_rng(3)
+    reference = {"w": rng.standard_normal((30, 20)).astype(np.float32), "b": np.zeros(20, np.float32),
+                 "huge": np.full(3, -1e200)}  # float64 values whose squares overflow
+    values = {"w": reference["w"] + np.float32(0.5), "b": np.ones(20, np.float32), "huge": np.full(3, 1e200)}
+    expected = [v.astype(np.float64) - reference[k].astype(np.float64) for k, v in values.items()]
+    scale = 1e200  # np.linalg.norm of the concatenation would overflow
+    np.testing.assert_allclose(update_norm(values, reference) / scale,
+                               np.linalg.norm(np.concatenate([e.ravel() / scale for e in expected])), rtol=1e-12)

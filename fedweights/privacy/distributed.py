@@ -73,8 +73,8 @@ def clip_l2(arrays: Mapping[str, np.ndarray], clipping_norm: float) -> dict[str,
 
 def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``arrays`` as one vector; finite for any finite values (no overflow of the squares)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        squares = sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())
+    with np.errstate(over="ignore", invalid="ignore"):  # a dot product: no temporary of the squares
+        squares = sum(float(flat @ flat) for flat in (np.ravel(np.asarray(a, dtype=np.float64)) for a in arrays.values()))
     if math.isfinite(squares):
         return math.sqrt(squares)
     peak = max((float(np.max(np.abs(a))) for a in arrays.values() if np.size(a)), default=0.0)
