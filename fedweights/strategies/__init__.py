@@ -31,12 +31,12 @@ def build_strategy(config: RunConfig) -> Strategy:
     return ValidatedStrategy(
         strategy,
         max_norm=config.strategy.max_norm,
-        max_norm_ratio=max_norm_ratio(config),
+        max_norm_ratio=_max_norm_ratio(config),
         max_examples=config.strategy.max_examples,
     )
 
 
-def max_norm_ratio(config: RunConfig) -> float | None:
+def _max_norm_ratio(config: RunConfig) -> float | None:
     """The median-relative norm bound the plaintext path applies: the configured one (0: none),
     else ``DEFAULT_MAX_NORM_RATIO``; none under user-level DP, whose clipping bounds every update and
     whose guarantee does not cover a screen that depends on the other clients' updates."""
@@ -79,8 +79,8 @@ def check_he_compatible(config: RunConfig) -> None:
 
 __all__ = [
     "BUILTINS",
-    "FedAvg",
     "DEFAULT_MAX_NORM_RATIO",
+    "FedAvg",
     "LINEAR_ATTRIBUTE",
     "Strategy",
     "UserLevelDPFedAvg",
@@ -90,6 +90,5 @@ __all__ = [
     "is_linear",
     "load_strategy_class",
     "make_strategy",
-    "max_norm_ratio",
     "rejected_updates",
 ]

@@ -217,7 +217,7 @@ class EncryptedFedAvg(FedAvg):
             count = None
             if not reply.has_error() and "metrics" in reply.content.metric_records:
                 count = reply.content.metric_records["metrics"].get(self.weighted_by_key)
-            if reply.has_error() or not (isinstance(count, int) and count >= 1):
+            if not (isinstance(count, int) and count >= 1):  # an error reply carries no count
                 reason = reply.error.reason if reply.has_error() else f"invalid count {count!r}"
                 self._reject(node, f"did not report its example count: {reason}")
             elif self.max_examples is not None and count > self.max_examples:
