@@ -146,6 +146,9 @@ class StrategyConfig:
     # (None: DEFAULT_MAX_NORM_RATIO where it applies; 0: off)
     max_norm_ratio: float | None = None
     max_examples: int | None = None  # update validation: largest example count (FedAvg weight) a reply may claim
+    # update validation: largest accepted ratio of an update's norm to the global model's norm
+    # (None: DEFAULT_MAX_MODEL_NORM_RATIO where it applies; 0: off)
+    max_model_norm_ratio: float | None = None
 
     def validate(self, clients: int) -> None:
         """Check the ranges of the strategy settings (the name is checked when the strategy is built)."""
@@ -162,6 +165,13 @@ class StrategyConfig:
                 "strategy.max_norm_ratio",
                 f"must be > 1 (how many times the round's median update norm an update may be) or 0 to turn "
                 f"the check off, got {ratio}",
+            )
+        model_ratio = self.max_model_norm_ratio
+        if model_ratio is not None and not (0 <= model_ratio < math.inf):
+            raise ConfigError(
+                "strategy.max_model_norm_ratio",
+                f"must be > 0 (how many times the global model's norm an update may be) or 0 to turn the check "
+                f"off, got {model_ratio}",
             )
         if not 0 <= self.server_momentum < 1:
             raise ConfigError("strategy.server_momentum", f"must be in [0, 1), got {self.server_momentum}")

@@ -88,6 +88,13 @@ def huge_weights(reply):
                        "metrics": MetricRecord(metrics)})  # fmt: skip
 
 
+def shifted_weights(reply):
+    """Every weight + 2: ~30x the honest updates' norm, but within 100x the model's own norm."""
+    arrays, metrics = arrays_and_metrics(reply)
+    return RecordDict({"arrays": ArrayRecord({k: Array(v + np.float32(2)) for k, v in arrays.items()}),
+                       "metrics": MetricRecord(metrics)})  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("strategy", "forge", "reason"),
     [
@@ -95,7 +102,8 @@ def huge_weights(reply):
         ("fedavgm", reversed_keys, None),  # aggregated by key, not by position
         ("krum", payload_unlike_its_header, "declares float32"),
         ("median", list_loss, "metric keys ['num-examples', 'train_loss[2]'] differ"),
-        ("fedavg", huge_weights, "x the round's median update norm"),  # default max_norm_ratio
+        ("fedavg", shifted_weights, "x the round's median update norm"),  # default max_norm_ratio
+        ("fedavg", huge_weights, "x the global model's norm"),  # default max_model_norm_ratio
     ],
 )
 def test_one_clients_odd_reply_never_takes_the_round_down(tmp_path, strategy, forge, reason):
@@ -108,6 +116,16 @@ def test_one_clients_odd_reply_never_takes_the_round_down(tmp_path, strategy, fo
             (failure,) = record["failures"]
             assert failure["node"] == "1" and failure["reason"].startswith("update rejected: ")
             assert reason in failure["reason"] and record["num_clients"] == 2
+
+
+def test_with_two_sites_a_huge_update_is_excluded_by_the_model_norm_bound(tmp_path):
+    """Too few updates for the median screen: averaged in, node 1's update ended the run in round 2."""
+    metrics = federate(tmp_path, huge_weights, nodes=2)
+    assert metrics["status"] == "completed" and len(metrics["rounds"]) == 2
+    for record in metrics["rounds"]:
+        (failure,) = record["failures"]
+        assert failure["node"] == "1" and "x the global model's norm" in failure["reason"]
+        assert record["num_clients"] == 1 and record["eval_accuracy"] > 0.3
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,7 @@ def test_coordinator_refuses_a_secret_key(tmp_path, key_pairs):
         (StrategyConfig(name="median"), "strategy.name", "not linear in the updates"),
         (StrategyConfig(max_norm=5.0), "strategy.max_norm", "cannot be checked on encrypted updates"),
         (StrategyConfig(max_norm_ratio=5.0), "strategy.max_norm_ratio", "cannot be checked on encrypted updates"),
+        (StrategyConfig(max_model_norm_ratio=5.0), "strategy.max_model_norm_ratio", "cannot be checked on encrypted"),
     ],
 )
 def test_he_refuses_server_work_that_needs_plaintext(key_pairs, strategy, key, reason):

@@ -12,6 +12,7 @@ from fedweights.config import HEConfig, RunConfig, StrategyConfig, UserDPConfig,
 from fedweights.errors import ConfigError
 from fedweights.strategies import (
     BUILTINS,
+    DEFAULT_MAX_MODEL_NORM_RATIO,
     DEFAULT_MAX_NORM_RATIO,
     ValidatedStrategy,
     build_strategy,
@@ -73,6 +74,21 @@ def test_strategy_options_reach_the_flower_classes():
 )
 def test_the_median_relative_norm_bound_a_run_applies(settings, ratio):
     assert build_strategy(RunConfig(**settings)).max_norm_ratio == ratio
+
+
+@pytest.mark.parametrize(
+    ("settings", "ratio"),
+    [
+        ({}, DEFAULT_MAX_MODEL_NORM_RATIO),  # on by default
+        ({"strategy": StrategyConfig(max_model_norm_ratio=0.5)}, 0.5),  # below 1 is a valid bound
+        ({"strategy": StrategyConfig(max_model_norm_ratio=0.0)}, None),  # 0 turns it off
+        ({"user_dp": UserDPConfig(enabled=True, clients_per_round=2)}, None),  # clipping bounds updates there
+        ({"user_dp": UserDPConfig(enabled=True, clients_per_round=2),  # ... but it may be asked for
+          "strategy": StrategyConfig(max_model_norm_ratio=50.0)}, 50.0),
+    ],
+)
+def test_the_model_relative_norm_bound_a_run_applies(settings, ratio):
+    assert build_strategy(RunConfig(**settings)).max_model_norm_ratio == ratio
 
 
 def test_multi_krum_leaves_out_the_attackers_in_a_round_with_dropouts():
@@ -186,9 +202,11 @@ def test_user_dp_with_he_uses_distributed_noise(tmp_path):
 
 def test_strategy_table_in_toml_and_cli_override(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('clients = 10\n[strategy]\nname = "krum"\nbyzantine = 2\nmax-norm = 4\nmax-norm-ratio = 6\n[attack]\nmalicious = 2\n')
+    path.write_text('clients = 10\n[strategy]\nname = "krum"\nbyzantine = 2\nmax-norm = 4\nmax-norm-ratio = 6\nmax-model-norm-ratio = 20\n[attack]\nmalicious = 2\n')
     config = load_config(path, {"strategy.name": "multi-krum", "attack.kind": "gaussian"})
-    assert config.strategy == StrategyConfig(name="multi-krum", byzantine=2, max_norm=4.0, max_norm_ratio=6.0)
+    assert config.strategy == StrategyConfig(
+        name="multi-krum", byzantine=2, max_norm=4.0, max_norm_ratio=6.0, max_model_norm_ratio=20.0
+    )
     assert (config.attack.malicious, config.attack.kind, config.attack.scale) == (2, "gaussian", 10.0)
     assert RunConfig.from_flat(config.to_flat()) == config  # travels through Flower's run config
 
@@ -202,6 +220,8 @@ def test_strategy_table_in_toml_and_cli_override(tmp_path):
         ({"strategy.max_norm_ratio": 0.5}, "strategy.max_norm_ratio"),
         ({"strategy.max_examples": 0}, "strategy.max_examples"),
         ({"strategy.max_norm_ratio": float("nan")}, "strategy.max_norm_ratio"),
+        ({"strategy.max_model_norm_ratio": -1.0}, "strategy.max_model_norm_ratio"),
+        ({"strategy.max_model_norm_ratio": float("inf")}, "strategy.max_model_norm_ratio"),
         ({"user_dp.enabled": True, "strategy.max_norm_ratio": 5.0}, "strategy.max_norm_ratio"),
         ({"attack.malicious": 5}, "attack.malicious"),
         ({"attack.kind": "poison"}, "attack.kind"),

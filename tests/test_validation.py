@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Krum
 from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
 from fedweights.strategies.reply_checks import update_norm
-from fedweights.strategies.validation import norm_outliers
+from fedweights.strategies.validation import model_norm_outliers, norm_outliers
 
 from .flower_messages import NodesGrid, array_record, error_reply, metadata, train_reply
 
@@ -38,11 +38,14 @@ def encoded(declared_dtype: str, declared_shape: tuple, payload: np.ndarray | No
     return Array(dtype=declared_dtype, shape=declared_shape, stype="numpy.ndarray", data=data)
 
 
-def validated(inner=None, max_norm=None, max_norm_ratio=None, max_examples=None) -> ValidatedStrategy:
+def validated(
+    inner=None, max_norm=None, max_norm_ratio=None, max_examples=None, max_model_norm_ratio=None, global_arrays=GLOBAL
+) -> ValidatedStrategy:
     strategy = ValidatedStrategy(
-        inner or FedAvg(min_available_nodes=1), max_norm=max_norm, max_norm_ratio=max_norm_ratio, max_examples=max_examples
+        inner or FedAvg(min_available_nodes=1), max_norm=max_norm, max_norm_ratio=max_norm_ratio,
+        max_examples=max_examples, max_model_norm_ratio=max_model_norm_ratio,
     )
-    list(strategy.configure_train(1, array_record(GLOBAL), ConfigRecord(), NodesGrid([1, 2])))
+    list(strategy.configure_train(1, array_record(global_arrays), ConfigRecord(), NodesGrid([1, 2])))
     return strategy
 
 
@@ -123,6 +126,59 @@ def test_the_median_is_taken_over_the_updates_that_passed_the_other_checks():
 )
 def test_norm_outliers(norms, ratio, expected):
     assert [reason is not None for reason in norm_outliers(norms, ratio)] == expected
+
+
+ONES = {k: np.ones_like(v) for k, v in GLOBAL.items()}  # norm sqrt(8) = 2.828
+
+
+def moved(value: float) -> dict[str, np.ndarray]:
+    return {k: v + np.float32(value) for k, v in ONES.items()}
+
+
+def test_with_two_updates_the_one_far_larger_than_the_model_is_excluded():
+    """Two sites: the median screen cannot tell which update is odd, the model's own norm can."""
+    strategy = validated(max_norm_ratio=10.0, max_model_norm_ratio=100.0, global_arrays=ONES)
+    arrays, _ = strategy.aggregate_train(1, [train_reply(1, moved(0.5)), train_reply(2, moved(1e30))])
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.5)  # the honest update alone
+    (rejection,) = rejected_updates(strategy, 1)
+    assert rejection["node"] == "2" and rejection["reason"].startswith(
+        "update rejected: update norm 2.828e+30 is 1e+30x the global model's norm 2.828 (max_model_norm_ratio 100;")
+
+
+def test_absurd_updates_are_excluded_before_the_median_is_taken():
+    """Two absurd updates of three would set the round's median and pass the median screen."""
+    strategy = validated(max_norm_ratio=10.0, max_model_norm_ratio=100.0, global_arrays=ONES)
+    replies = [train_reply(1, moved(0.5)), train_reply(2, moved(1e30)), train_reply(3, moved(2e30))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.5)
+    assert sorted(r["node"] for r in rejected_updates(strategy, 1)) == ["2", "3"]
+
+
+def test_when_every_update_is_over_the_model_bound_none_is_excluded(caplog):
+    """Every client far from a model gone bad: rejecting them all would end the run."""
+    strategy = validated(max_model_norm_ratio=100.0, global_arrays=ONES)
+    arrays, _ = strategy.aggregate_train(1, [train_reply(1, moved(300.0)), train_reply(2, moved(500.0))])
+    np.testing.assert_allclose(arrays["w"].numpy(), 401.0)
+    assert rejected_updates(strategy, 1) == []
+    assert "none is rejected for it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("norms", "model_norm", "ratio", "expected"),
+    [
+        ([1.0, 2.0, 200.0], 2.0, 100.0, [False, False, False]),  # exactly 100x the model's norm is accepted
+        ([1.0, 2.0, 200.1], 2.0, 100.0, [False, False, True]),
+        ([1.0, 1e9], 2.0, 100.0, [False, True]),  # no peers needed
+        ([1e9], 2.0, 100.0, [False]),  # every update over the bound (here the only one): none judged
+        ([300.0, 400.0], 2.0, 100.0, [False, False]),
+        ([1.0, 1e9], 0.0, 100.0, [False, False]),  # a model of zeros: no scale to judge by
+        ([1.0, 1e9], 2.0, None, [False, False]),  # off
+        ([0.5, 1.5], 2.0, 0.5, [False, True]),  # a bound below the model's own norm
+        ([], 2.0, 100.0, []),
+    ],
+)
+def test_model_norm_outliers(norms, model_norm, ratio, expected):
+    assert [reason is not None for reason in model_norm_outliers(norms, model_norm, ratio)] == expected
 
 
 def test_error_replies_are_dropped_before_the_strategy_sees_them():

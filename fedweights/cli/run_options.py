@@ -70,6 +70,8 @@ RUN_OPTIONS: list[RunOption] = [
     _opt("max_norm", "strategy.max_norm", float, help="Reject updates whose L2 norm exceeds this (default: no bound)."),
     _opt("max_norm_ratio", "strategy.max_norm_ratio", float, help="Reject updates whose norm exceeds R x the round's "
          "median update norm (default: 10, with 3 or more updates; 0: off)."),
+    _opt("max_model_norm_ratio", "strategy.max_model_norm_ratio", float, help="Reject updates whose norm exceeds R x "
+         "the global model's norm (default: 100; 0: off)."),
     _opt("max_examples", "strategy.max_examples", int, help="Reject replies that claim more examples (their FedAvg "
          "weight) than this (default: counts taken on trust)."),
     _opt("malicious", "attack.malicious", int, help="Simulated attackers: partitions 0..K-1 misbehave (default: 0)."),

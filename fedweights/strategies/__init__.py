@@ -14,7 +14,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .registry import BUILTINS, LINEAR_ATTRIBUTE, is_linear, load_strategy_class, make_strategy, strategy_class
 from .user_dp import UserLevelDPFedAvg, user_dp_strategy
-from .validation import DEFAULT_MAX_NORM_RATIO, ValidatedStrategy, rejected_updates
+from .validation import DEFAULT_MAX_MODEL_NORM_RATIO, DEFAULT_MAX_NORM_RATIO, ValidatedStrategy, rejected_updates
 
 
 def build_strategy(config: RunConfig) -> Strategy:
@@ -33,6 +33,7 @@ def build_strategy(config: RunConfig) -> Strategy:
         max_norm=config.strategy.max_norm,
         max_norm_ratio=_max_norm_ratio(config),
         max_examples=config.strategy.max_examples,
+        max_model_norm_ratio=_max_model_norm_ratio(config),
     )
 
 
@@ -46,6 +47,16 @@ def _max_norm_ratio(config: RunConfig) -> float | None:
     return DEFAULT_MAX_NORM_RATIO if ratio is None else ratio
 
 
+def _max_model_norm_ratio(config: RunConfig) -> float | None:
+    """The model-relative norm bound the plaintext path applies: the configured one (0: none), else
+    ``DEFAULT_MAX_MODEL_NORM_RATIO``, except under user-level DP, where clipping already bounds every
+    update (a value set explicitly applies there too: it depends on no other client's update)."""
+    ratio = config.strategy.max_model_norm_ratio
+    if ratio == 0 or (ratio is None and config.user_dp.enabled):
+        return None
+    return DEFAULT_MAX_MODEL_NORM_RATIO if ratio is None else ratio
+
+
 def check_he_compatible(config: RunConfig) -> None:
     """Refuse ``--he`` with a strategy the coordinator cannot run on ciphertexts: one whose
     aggregate is not linear in the updates, or any class of your own (the coordinator can only
@@ -54,7 +65,7 @@ def check_he_compatible(config: RunConfig) -> None:
         return
     from .encrypted import HE_STRATEGIES
 
-    for key in ("max_norm", "max_norm_ratio"):
+    for key in ("max_norm", "max_norm_ratio", "max_model_norm_ratio"):
         if getattr(config.strategy, key):
             raise ConfigError(
                 f"strategy.{key}", "cannot be checked on encrypted updates (--he); remove it or run without --he"
@@ -79,6 +90,7 @@ def check_he_compatible(config: RunConfig) -> None:
 
 __all__ = [
     "BUILTINS",
+    "DEFAULT_MAX_MODEL_NORM_RATIO",
     "DEFAULT_MAX_NORM_RATIO",
     "FedAvg",
     "LINEAR_ATTRIBUTE",

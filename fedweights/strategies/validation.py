@@ -10,7 +10,11 @@ Flower's DP wrappers do. A training reply is excluded, with its reason logged an
 - moves the model further than ``max_norm`` (L2 norm of ``reply - global``, when a bound is set),
 - lacks a positive, finite example count (the FedAvg weight, at most 2^63 and at most ``max_examples``
   when that is set: clients' counts are otherwise taken on trust), has a metric that is not
-  a finite number (or a loss < 0), or has other metrics than its peers, or
+  a finite number (or a loss < 0), or has other metrics than its peers,
+- moves the model more than ``max_model_norm_ratio`` times the global model's own norm (of the
+  replies that passed the checks above, when that norm is > 0 and at least one of them is within the
+  bound): a scale no reply controls, so it also holds in rounds too small for the median screen below
+  (2 sites, or most clients failed), where one huge update would otherwise overflow the average, or
 - moves the model more than ``max_norm_ratio`` times as far as the round's median update (of the
   replies that passed the checks above, when there are at least 3 and their median norm is > 0):
   an update orders of magnitude larger than its peers' (a broken client, or a scaling attack)
@@ -42,6 +46,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..errors import RunFailed
+from ..privacy.distributed import l2_norm
 from .reply_checks import (
     canonical_copy,
     decoded_arrays,
@@ -59,6 +64,11 @@ DEFAULT_MAX_NORM_RATIO = 10.0
 """Honest updates measured on digits (10–30 clients, IID to Dirichlet α = 0.1, 1–3 local epochs)
 were at most 5x the round's median norm, on Fashion-MNIST (10–30 clients, Dirichlet α = 0.1 and
 0.5, shards of 17 to 13,142 examples) at most 2.2x."""
+DEFAULT_MAX_MODEL_NORM_RATIO = 100.0
+"""Honest updates measured on digits and Fashion-MNIST (2–10 clients, IID and Dirichlet α = 0.1, 1–5
+local epochs) moved the model by at most 1.65x its norm (round 1, from the initial weights; under 1x
+after), and 16x with a learning rate of 0.5 that diverges; a scaling attack that ends the run
+(x10⁶ on digits: NaNs in the next round) is ~10⁶x."""
 MIN_UPDATES_FOR_RATIO = 3  # the median of 2 norms is their mean: an outlier would set its own scale
 EVALUATION_REJECTED_PREFIX = "evaluation rejected: "
 
@@ -74,10 +84,12 @@ class ValidatedStrategy(Strategy):
         max_norm: float | None = None,
         max_norm_ratio: float | None = None,
         max_examples: int | None = None,
+        max_model_norm_ratio: float | None = None,
     ) -> None:
         self.strategy = strategy
         self.max_norm = max_norm
         self.max_norm_ratio = max_norm_ratio
+        self.max_model_norm_ratio = max_model_norm_ratio
         self.max_examples = max_examples
         self.rejected: dict[int, list[dict[str, str]]] = {}
         self.rejected_evaluation: dict[int, list[dict[str, str]]] = {}
@@ -85,12 +97,13 @@ class ValidatedStrategy(Strategy):
 
     def __repr__(self) -> str:
         return (f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm}, "
-                f"max_norm_ratio={self.max_norm_ratio}, max_examples={self.max_examples})")
+                f"max_norm_ratio={self.max_norm_ratio}, max_examples={self.max_examples}, "
+                f"max_model_norm_ratio={self.max_model_norm_ratio})")
 
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
-        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s, max_examples=%s",
-            self.max_norm, self.max_norm_ratio, self.max_examples)
+        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s, max_model_norm_ratio=%s, max_examples=%s",
+            self.max_norm, self.max_norm_ratio, self.max_model_norm_ratio, self.max_examples)
         self.strategy.summary()
 
     def configure_train(
@@ -104,7 +117,7 @@ class ValidatedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the accepted replies with the wrapped strategy."""
-        accepted, rejected = self.screen(replies)
+        accepted, rejected = self.screen(replies, server_round)
         self.rejected[server_round] = rejected
         for item in rejected:
             log(WARNING, "round %d: node %s: %s", server_round, item["node"], item["reason"])
@@ -123,7 +136,9 @@ class ValidatedStrategy(Strategy):
                             f"global model unlike the old one: {problem}. Fix the strategy; this round is not used")
         return arrays, metrics
 
-    def screen(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, str]]]:
+    def screen(
+        self, replies: Iterable[Message], server_round: int = 0
+    ) -> tuple[list[Message], list[dict[str, str]]]:
         """Split training replies into canonical copies of the accepted ones and ``{"node", "reason"}``
         records of the rejected ones."""
         if self._global is None:
@@ -134,7 +149,8 @@ class ValidatedStrategy(Strategy):
         array_name, metric_name = record_names(candidates)
         reference = {k: a.numpy() for k, a in self._global.items()}
         passed, norms, rejected = [], [], []
-        norm_needed = self.max_norm_ratio is not None
+        model_ratio = self.max_model_norm_ratio
+        norm_needed = self.max_norm_ratio is not None or model_ratio is not None
         for reply in candidates:
             problem, norm = _checked_update(reply, self._global, self.max_norm, reference, norm_needed)
             problem = problem or metrics_problem(reply, weight_key, usual, max_examples=self.max_examples)
@@ -143,13 +159,11 @@ class ValidatedStrategy(Strategy):
                 norms.append(norm)
             else:
                 rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + problem})
-        outliers = norm_outliers(norms, self.max_norm_ratio)
-        accepted = []
-        for reply, outlier in zip(passed, outliers, strict=True):
-            if outlier is None:
-                accepted.append(canonical_copy(reply, array_name, ordered_like(self._global, reply), metric_name))
-            else:
-                rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + outlier})
+        model_norm = l2_norm(reference) if model_ratio is not None else 0.0
+        too_large = model_norm_outliers(norms, model_norm, model_ratio, server_round)
+        passed, norms = _without_outliers(passed, norms, too_large, rejected)
+        passed, norms = _without_outliers(passed, norms, norm_outliers(norms, self.max_norm_ratio), rejected)
+        accepted = [canonical_copy(r, array_name, ordered_like(self._global, r), metric_name) for r in passed]
         return accepted, rejected
 
     def configure_evaluate(
@@ -188,6 +202,19 @@ def screen_evaluation(
     return accepted, rejected
 
 
+def _without_outliers(
+    replies: list[Message], norms: list[float], reasons: list[str | None], rejected: list[dict[str, str]]
+) -> tuple[list[Message], list[float]]:
+    """The replies (and their norms) whose reason is None; the others are added to ``rejected``."""
+    kept = []
+    for reply, norm, reason in zip(replies, norms, reasons, strict=True):
+        if reason is None:
+            kept.append((reply, norm))
+        else:
+            rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + reason})
+    return [r for r, _ in kept], [n for _, n in kept]
+
+
 def _checked_update(
     reply: Message,
     global_arrays: ArrayRecord,
@@ -205,6 +232,30 @@ def _checked_update(
     if max_norm is not None and norm > max_norm:
         return f"update norm {norm:.4g} exceeds max_norm {max_norm:g}", norm
     return None, norm
+
+
+def model_norm_outliers(
+    norms: list[float], model_norm: float, max_ratio: float | None, server_round: int = 0
+) -> list[str | None]:
+    """Per update norm, why it is too large next to the global model's norm (None when it is not):
+    more than ``max_ratio`` times ``model_norm``. Judged only when that norm is positive and at least
+    one update is within the bound: when every update exceeds it, the round's scale is what it is
+    (e.g. every client diverging from a model gone bad), and rejecting them all would end the run."""
+    if max_ratio is None or not model_norm > 0:
+        return [None] * len(norms)
+    bound = max_ratio * model_norm
+    if all(norm > bound for norm in norms):
+        if norms:
+            log(WARNING, "round %d: every update's norm is over %gx the global model's norm %.4g "
+                "(max_model_norm_ratio): none is rejected for it", server_round, max_ratio, model_norm)
+        return [None] * len(norms)
+    return [
+        None if norm <= bound else (
+            f"update norm {norm:.4g} is {norm / model_norm:.3g}x the global model's norm {model_norm:.4g} "
+            f"(max_model_norm_ratio {max_ratio:g}; raise it, or 0 turns this check off, if such updates are expected)"
+        )
+        for norm in norms
+    ]
 
 
 def norm_outliers(norms: list[float], max_ratio: float | None) -> list[str | None]:
