@@ -16,6 +16,8 @@ import pytest
         (["--partition", "dirichlet", "--alpha", "0"], "'alpha' must be > 0"),
         (["--partition", "shards"], "'partition' must be one of"),
         (["--lr", "-0.1"], "'lr' must be > 0"),
+        (["--clients", "4", "--max-examples", "100"], "is 100, but client 0's shard holds 360 examples"),
+        (["--max-model-norm-ratio", "-1"], "'strategy.max_model_norm_ratio' must be > 0"),
         (["--config", "does-not-exist.toml"], "config file not found"),
     ],
 )

@@ -9,14 +9,14 @@ import warnings
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import RunFailed, UserError
+from ..errors import ConfigError, RunFailed, UserError
 from ..progress import RichReporter
 from ..registry.publish import preflight as publish_preflight
 from ..run_archive import announce_archive, archive_previous_run
 from ..run_dir import RoundRecord, RunDir, default_run_dir
 from ..run_lock import RunLock
 from ..strategies import build_strategy, check_he_compatible
-from ..task import Task, save_task
+from ..task import ClientData, Task, save_task
 from ..training import select_device
 from .client_app import build_client_app
 from .encryption import own_keys, prepare_simulation_keys, write_decrypted_model
@@ -63,10 +63,13 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
     if not config.he.enabled:
         build_strategy(config)  # fail fast on an unknown or unloadable strategy (--he: checked above)
+    if config.dp.enabled or config.strategy.max_examples is not None:
+        shards = [runtime.task().client_data(i, config.clients, config) for i in range(config.clients)]
+        _check_max_examples(config.strategy.max_examples, shards)
     if config.dp.enabled:  # unreachable target ε, budget below one round: refuse before Ray starts
         from ..privacy.plan import check_dp_run
 
-        check_dp_run(config, [len(runtime.task().client_data(i, config.clients, config).train) for i in range(config.clients)])
+        check_dp_run(config, [len(shard.train) for shard in shards])
     reporter = reporter or RichReporter()
     if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
         announce_archive(reporter, archive_previous_run(out, keep=own_keys(config, out)))  # --he-key RUN/keys/…: kept
@@ -96,6 +99,23 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
     if config.he.enabled:  # the coordinator saved only the encrypted model; this process holds the secret key
         write_decrypted_model(RunDir(out), config, runtime.task().model_fn())
     return RunResult(out, [RoundRecord(**r) for r in metrics["rounds"]])
+
+
+def _check_max_examples(max_examples: int | None, shards: list[ClientData]) -> None:
+    """Refuse a ``max_examples`` below a client's own shard: its honest replies would be rejected
+    every round (the count each reply reports is its shard's size)."""
+    if max_examples is None:
+        return
+    sizes = [max(len(shard.train), len(shard.test)) for shard in shards]
+    size = max(sizes)
+    largest = sizes.index(size)
+    if size > max_examples:
+        raise ConfigError(
+            "strategy.max_examples",
+            f"is {max_examples}, but client {largest}'s shard holds {size} examples, which its honest replies "
+            f"report: they would be rejected every round. Set it to at least {size} (this simulation's largest "
+            f"shard) or leave it unset",
+        )
 
 
 def _backend_config(clients: int, use_gpu: bool, verbose: bool) -> dict:
