@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
 
@@ -23,6 +23,16 @@ def select_device(preference: str = "auto") -> torch.device:
 def make_optimizer(model: nn.Module, lr: float, momentum: float) -> torch.optim.Optimizer:
     """The optimizer every client uses (SGD; Opacus wraps it under DP)."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def train_loader(data: Dataset, batch_size: int, model: nn.Module, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches of ``data``. With BatchNorm in ``model``, a last batch of one example is
+    dropped (BatchNorm cannot normalise a single example in training mode: the client crashed every
+    round); shuffling drops a different example each epoch. A shard of one example still fails."""
+    lone_last = len(data) % batch_size == 1 and len(data) > batch_size
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    drop_last = lone_last and has_batch_norm
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=drop_last)
 
 
 def train_epochs(

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Krum
 
 from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
-from fedweights.strategies.reply_checks import update_norm
+from fedweights.strategies.reply_checks import model_norm, update_norm
 from fedweights.strategies.validation import model_norm_outliers, norm_outliers
 
 from .flower_messages import NodesGrid, array_record, error_reply, metadata, train_reply
@@ -39,11 +39,12 @@ def encoded(declared_dtype: str, declared_shape: tuple, payload: np.ndarray | No
 
 
 def validated(
-    inner=None, max_norm=None, max_norm_ratio=None, max_examples=None, max_model_norm_ratio=None, global_arrays=GLOBAL
+    inner=None, max_norm=None, max_norm_ratio=None, max_examples=None, max_model_norm_ratio=None, global_arrays=GLOBAL,
+    buffer_keys=(),
 ) -> ValidatedStrategy:
     strategy = ValidatedStrategy(
         inner or FedAvg(min_available_nodes=1), max_norm=max_norm, max_norm_ratio=max_norm_ratio,
-        max_examples=max_examples, max_model_norm_ratio=max_model_norm_ratio,
+        max_examples=max_examples, max_model_norm_ratio=max_model_norm_ratio, buffer_keys=buffer_keys,
     )
     list(strategy.configure_train(1, array_record(global_arrays), ConfigRecord(), NodesGrid([1, 2])))
     return strategy
@@ -345,3 +346,34 @@ def test_update_norm_is_the_float64_norm_of_the_whole_difference():
     scale = 1e200  # np.linalg.norm of the concatenation would overflow
     np.testing.assert_allclose(update_norm(values, reference) / scale,
                                np.linalg.norm(np.concatenate([e.ravel() / scale for e in expected])), rtol=1e-12)
+
+
+BN_GLOBAL = {
+    "w": np.ones((3, 2), np.float32),
+    "bn.running_var": np.ones(2, np.float32),
+    "bn.num_batches_tracked": np.array(0, np.int64),
+}
+BN_BUFFERS = ("bn.running_var", "bn.num_batches_tracked")
+
+
+def trained_for(steps: int, value: float = 0.5, variance: float = 1.0) -> dict[str, np.ndarray]:
+    """``BN_GLOBAL`` moved by ``value`` per weight after ``steps`` batches of data of ``variance``."""
+    return {"w": BN_GLOBAL["w"] + np.float32(value), "bn.running_var": np.full(2, variance, np.float32),
+            "bn.num_batches_tracked": np.array(steps, np.int64)}
+
+
+def test_integer_arrays_and_buffers_are_not_part_of_an_update_norm():
+    """BatchNorm's num_batches_tracked grows by a client's step count: in the norm, a client with a
+    large shard looked 800x farther from the model than one with a small shard."""
+    assert update_norm(trained_for(800), BN_GLOBAL) == pytest.approx(0.5 * np.sqrt(6))
+    assert update_norm(trained_for(800, variance=3.0), BN_GLOBAL, skip=BN_BUFFERS) == pytest.approx(0.5 * np.sqrt(6))
+    assert model_norm(trained_for(800, variance=3.0), skip=BN_BUFFERS) == pytest.approx(1.5 * np.sqrt(6))
+
+
+def test_a_client_with_many_more_steps_or_other_statistics_is_not_mistaken_for_an_outlier():
+    strategy = validated(max_norm=2.0, max_norm_ratio=10.0, max_model_norm_ratio=100.0, global_arrays=BN_GLOBAL,
+                         buffer_keys=BN_BUFFERS)
+    replies = [train_reply(1, trained_for(2)), train_reply(2, trained_for(3)), train_reply(3, trained_for(822, variance=1e4))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert rejected_updates(strategy, 1) == []
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.5)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .. import attacks
 from ..proximal import PROXIMAL_MU_KEY, local_criterion
 from ..task import ClientData
-from ..training import evaluate, make_optimizer, select_device, train_epochs
+from ..training import evaluate, make_optimizer, select_device, train_epochs, train_loader
 from .encryption import plaintext_global, received_state, reply_arrays
 from .runtime import NODE_DATA, NODE_DEVICE, Runtime, node_partition, runtime_from_context
 
@@ -70,7 +70,7 @@ def train_reply(msg: Message, context: Context, runtime: Runtime) -> Message:
         trained, loss, privacy = outcome.state_dict, outcome.train_loss, outcome.records
     else:
         generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=generator)
+        loader = train_loader(train_data, config.batch_size, model, generator)
         optimizer = make_optimizer(model, config.lr, config.momentum)
         loss = train_epochs(model, loader, optimizer, config.local_epochs, device, local_criterion(model, proximal_mu))
         trained = model.cpu().state_dict()

@@ -118,7 +118,7 @@ def _federate(grid: Grid, runtime: Runtime, run_dir: RunDir, reporter: RichRepor
     random.seed(config.seed)  # Flower samples nodes with the global `random`
     torch.manual_seed(config.seed)
     model = runtime.task().model_fn()
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, buffer_keys=[name for name, _ in model.named_buffers()])
     state = StrategyState(strategy)
     records: list[RoundRecord] = []
     if config.resume:  # restores the strategy and `random`, trims metrics.json to the checkpoint

@@ -8,6 +8,8 @@ same class also runs in a stock Flower ServerApp. See README "Writing a strategy
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from ..config import RunConfig
@@ -17,11 +19,11 @@ from .user_dp import UserLevelDPFedAvg, user_dp_strategy
 from .validation import DEFAULT_MAX_MODEL_NORM_RATIO, DEFAULT_MAX_NORM_RATIO, ValidatedStrategy, rejected_updates
 
 
-def build_strategy(config: RunConfig) -> Strategy:
+def build_strategy(config: RunConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
     """The strategy a run uses: the configured one (DP-FedAvg under ``user_dp``), checked against
-    ``--he``, wrapped in update validation on the plaintext path. Under ``--he`` it is encrypted
-    FedAvg/FedProx/FedAvgM (or DP-FedAvg with distributed noise), which validates the encrypted
-    updates itself."""
+    ``--he``, wrapped in update validation on the plaintext path (``buffer_keys``: the model's
+    buffers, left out of its update norms). Under ``--he`` it is encrypted FedAvg/FedProx/FedAvgM
+    (or DP-FedAvg with distributed noise), which validates the encrypted updates itself."""
     check_he_compatible(config)
     if config.he.enabled:
         from .encrypted import build_encrypted_strategy
@@ -34,6 +36,7 @@ def build_strategy(config: RunConfig) -> Strategy:
         max_norm_ratio=_max_norm_ratio(config),
         max_examples=config.strategy.max_examples,
         max_model_norm_ratio=_max_model_norm_ratio(config),
+        buffer_keys=buffer_keys,
     )
 
 

@@ -7,7 +7,10 @@ Flower's DP wrappers do. A training reply is excluded, with its reason logged an
 - does not carry exactly one ArrayRecord with the global model's keys, shapes and dtypes (declared
   and actually encoded in each array's payload),
 - holds a NaN or infinite value,
-- moves the model further than ``max_norm`` (L2 norm of ``reply - global``, when a bound is set),
+- moves the model further than ``max_norm`` (when a bound is set; the L2 norm of ``reply - global``
+  over the learnt weights, as every norm here: integer arrays and the model's buffers
+  (``buffer_keys``: BatchNorm's running statistics and counter, which follow the data, not the
+  gradient, and dwarfed honest updates) are left out, though checked like the rest otherwise),
 - lacks a positive, finite example count (the FedAvg weight, at most 2^63 and at most ``max_examples``
   when that is set: clients' counts are otherwise taken on trust), has a metric that is not
   a finite number (or a loss < 0), or has other metrics than its peers,
@@ -46,12 +49,12 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..errors import RunFailed
-from ..privacy.distributed import l2_norm
 from .reply_checks import (
     canonical_copy,
     decoded_arrays,
     decoded_model,
     metrics_problem,
+    model_norm,
     ordered_like,
     record_names,
     update_norm,
@@ -85,8 +88,10 @@ class ValidatedStrategy(Strategy):
         max_norm_ratio: float | None = None,
         max_examples: int | None = None,
         max_model_norm_ratio: float | None = None,
+        buffer_keys: Iterable[str] = (),
     ) -> None:
         self.strategy = strategy
+        self.buffer_keys = frozenset(buffer_keys)
         self.max_norm = max_norm
         self.max_norm_ratio = max_norm_ratio
         self.max_model_norm_ratio = max_model_norm_ratio
@@ -152,15 +157,17 @@ class ValidatedStrategy(Strategy):
         model_ratio = self.max_model_norm_ratio
         norm_needed = self.max_norm_ratio is not None or model_ratio is not None
         for reply in candidates:
-            problem, norm = _checked_update(reply, self._global, self.max_norm, reference, norm_needed)
+            problem, norm = _checked_update(
+                reply, self._global, self.max_norm, reference, norm_needed, self.buffer_keys
+            )
             problem = problem or metrics_problem(reply, weight_key, usual, max_examples=self.max_examples)
             if problem is None:
                 passed.append(reply)
                 norms.append(norm)
             else:
                 rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + problem})
-        model_norm = l2_norm(reference) if model_ratio is not None else 0.0
-        too_large = model_norm_outliers(norms, model_norm, model_ratio, server_round)
+        global_norm = model_norm(reference, self.buffer_keys) if model_ratio is not None else 0.0
+        too_large = model_norm_outliers(norms, global_norm, model_ratio, server_round)
         passed, norms = _without_outliers(passed, norms, too_large, rejected)
         passed, norms = _without_outliers(passed, norms, norm_outliers(norms, self.max_norm_ratio), rejected)
         accepted = [canonical_copy(r, array_name, ordered_like(self._global, r), metric_name) for r in passed]
@@ -221,14 +228,15 @@ def _checked_update(
     max_norm: float | None,
     reference: Mapping[str, np.ndarray],
     norm_needed: bool,
+    buffer_keys: frozenset[str],
 ) -> tuple[str | None, float | None]:
     """Why a reply's arrays cannot be aggregated into ``global_arrays`` (None when they can), and the
     update's norm (None when they cannot, or when neither ``max_norm`` nor ``norm_needed`` asks for
-    it); ``reference`` is ``global_arrays`` decoded."""
+    it); ``reference`` is ``global_arrays`` decoded; ``buffer_keys`` are left out of the norm."""
     values, problem = decoded_arrays(reply, global_arrays)
     if problem is not None or (max_norm is None and not norm_needed):
         return problem, None
-    norm = update_norm(values, reference)
+    norm = update_norm(values, reference, buffer_keys)
     if max_norm is not None and norm > max_norm:
         return f"update norm {norm:.4g} exceeds max_norm {max_norm:g}", norm
     return None, norm
