@@ -30,6 +30,7 @@ from ..run_status import resume_hint
 from ..strategies import build_strategy, rejected_updates
 from ..strategies.validation import rejected_evaluations
 from .encryption import is_encrypted, own_keys, save_encrypted_model
+from .error_replies import failure_from_error
 from .node_wait import BoundedNodeWait, NodeWaitTimeout
 from .runtime import RUN_ID_KEY, Runtime
 
@@ -248,7 +249,7 @@ def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayReco
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     metrics = strategy.aggregate_evaluate(server_round, replies)
     failed = {f["node"] for f in failures}  # a node that already failed this round is listed once
-    failures += [{"node": f["node"], "reason": f"{EVALUATION_FAILED}{f['reason']}"}
+    failures += [{**f, "reason": f"{EVALUATION_FAILED}{f['reason']}"}
                  for f in failure_reasons(messages, replies) if f["node"] not in failed]
     failures += [f for f in rejected_evaluations(strategy, server_round) if f["node"] not in failed]
     return metrics
@@ -256,9 +257,7 @@ def _evaluate_round(grid, strategy, config, server_round: int, arrays: ArrayReco
 
 def failure_reasons(sent: Sequence[Message], replies: Sequence[Message]) -> list[dict[str, str]]:
     """Why each sampled node gave no usable reply: its error, or no reply within the timeout."""
-    failures = [
-        {"node": str(r.metadata.src_node_id), "reason": r.error.reason} for r in replies if r.has_error()
-    ]
+    failures = [failure_from_error(str(r.metadata.src_node_id), r.error.reason) for r in replies if r.has_error()]
     answered = {r.metadata.src_node_id for r in replies}
     failures += [
         {"node": str(m.metadata.dst_node_id), "reason": NO_REPLY}
