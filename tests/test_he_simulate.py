@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -10,12 +11,16 @@ import sys
 
 import pytest
 import tenseal as ts
+import torch
 from safetensors.torch import load_file
 
+import fedweights
 from fedweights.cli import main
 from fedweights.config import HEConfig, RunConfig
 from fedweights.crypto.keys import load_server_key, make_keys
+from fedweights.errors import UserError
 from fedweights.flower.encryption import prepare_simulation_keys
+from fedweights.task import builtin_task
 
 from .conftest import REPO
 
@@ -111,3 +116,15 @@ def test_bench_he_compares_both_setups(cli, tmp_path):
         assert fields <= set(report["setups"][setup])
     assert report["setups"]["fedweights"]["max_abs_error"] <= 1e-6
     assert report["setups"]["nvflare"]["bytes_per_param"] > report["setups"]["fedweights"]["bytes_per_param"]
+
+
+def batch_norm_mlp():
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+
+def test_a_model_with_an_integer_buffer_is_refused_before_any_key_is_made(tmp_path):
+    config = RunConfig(clients=2, rounds=1, he=HEConfig(enabled=True), out=str(tmp_path / "run"))
+    task = dataclasses.replace(builtin_task(config), model_fn=batch_norm_mlp)
+    with pytest.raises(UserError, match=r"'1.num_batches_tracked' has dtype torch.int64.*replace it by GroupNorm"):
+        fedweights.simulate(config, task=task)
+    assert not (tmp_path / "run" / "keys").exists()

@@ -70,8 +70,9 @@ def layout_of(state: Mapping[str, torch.Tensor]) -> tuple[TensorInfo, ...]:
     for name, tensor in state.items():
         if not torch.is_floating_point(tensor):
             raise UserError(
-                f"tensor {name!r} has dtype {tensor.dtype}: encrypted aggregation averages floating-point "
-                "tensors only (e.g. drop integer buffers such as BatchNorm's num_batches_tracked)"
+                f"tensor {name!r} has dtype {tensor.dtype}: encrypted aggregation (--he) averages floating-point "
+                "tensors only. BatchNorm keeps an integer step counter (num_batches_tracked): replace it by "
+                "GroupNorm or LayerNorm (as --dp does), or give it track_running_stats=False"
             )
         layout.append(TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
     if not layout:

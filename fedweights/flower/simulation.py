@@ -61,6 +61,10 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
     task_file = str(save_task(task, out / TASK_FILE)) if task is not None else None
     runtime = Runtime(config, task_file)
     runtime.task().client_data(0, config.clients, config)  # fail fast on impossible partitions
+    if config.he.enabled:  # a model --he cannot aggregate (integer buffers): refused before any key is made
+        from ..crypto.codec import layout_of
+
+        layout_of(runtime.task().model_fn().state_dict())
     if not config.he.enabled:
         build_strategy(config)  # fail fast on an unknown or unloadable strategy (--he: checked above)
     if config.dp.enabled or config.strategy.max_examples is not None:
