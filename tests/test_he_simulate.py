@@ -18,6 +18,7 @@ import fedweights
 from fedweights.cli import main
 from fedweights.config import HEConfig, RunConfig
 from fedweights.crypto.keys import load_server_key, make_keys
+from fedweights.deploy.server import ServerSecurity, run_server
 from fedweights.errors import UserError
 from fedweights.flower.encryption import prepare_simulation_keys
 from fedweights.task import builtin_task
@@ -122,9 +123,23 @@ def batch_norm_mlp():
     return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
 
 
+def batch_norm_task(config: RunConfig) -> fedweights.Task:
+    """A config file's ``task = "tests.test_he_simulate:batch_norm_task"``."""
+    return dataclasses.replace(builtin_task(config), model_fn=batch_norm_mlp)
+
+
 def test_a_model_with_an_integer_buffer_is_refused_before_any_key_is_made(tmp_path):
     config = RunConfig(clients=2, rounds=1, he=HEConfig(enabled=True), out=str(tmp_path / "run"))
     task = dataclasses.replace(builtin_task(config), model_fn=batch_norm_mlp)
     with pytest.raises(UserError, match=r"'1.num_batches_tracked' has dtype torch.int64.*replace it by GroupNorm"):
         fedweights.simulate(config, task=task)
     assert not (tmp_path / "run" / "keys").exists()
+
+
+def test_the_server_refuses_such_a_model_under_he_before_any_process_starts(key_pairs, tmp_path):
+    good, _ = key_pairs
+    he = HEConfig(enabled=True, server_key=str(good.server))
+    config = RunConfig(clients=2, rounds=1, he=he, task="tests.test_he_simulate:batch_norm_task", out=str(tmp_path / "run"))
+    with pytest.raises(UserError, match=r"'1.num_batches_tracked' has dtype torch.int64"):
+        run_server(config, "127.0.0.1:9092", ServerSecurity(insecure=True))  # nothing listens: refused first
+    assert not (tmp_path / "run").exists()

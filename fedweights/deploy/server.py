@@ -162,6 +162,10 @@ def _check_he(config: RunConfig) -> None:
         raise UserError(f"--he-server-key {config.he.server_key} does not exist")
     if config.he.key:
         raise UserError("the server must not hold the HE secret key: drop he.key (clients pass --he-key)")
+    from ..crypto.codec import layout_of
+    from ..task import resolve_task
+
+    layout_of(resolve_task(config).model_fn().state_dict())  # a model --he cannot aggregate (integer buffers)
 
 
 def _superlink_argv(host: str, port: int, database: Path, security: ServerSecurity) -> list[str]:
