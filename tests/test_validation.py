@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Krum
 
 from fedweights.errors import RunFailed
 from fedweights.strategies import ValidatedStrategy, rejected_updates
-from fedweights.strategies.reply_checks import model_norm, update_norm
+from fedweights.strategies.reply_checks import learnt_weights, update_norm
 from fedweights.strategies.validation import model_norm_outliers, norm_outliers
 
 from .flower_messages import NodesGrid, array_record, error_reply, metadata, train_reply
@@ -172,14 +172,24 @@ def test_when_every_update_is_over_the_model_bound_none_is_excluded(caplog):
         ([1.0, 1e9], 2.0, 100.0, [False, True]),  # no peers needed
         ([1e9], 2.0, 100.0, [False]),  # every update over the bound (here the only one): none judged
         ([300.0, 400.0], 2.0, 100.0, [False, False]),
-        ([1.0, 1e9], 0.0, 100.0, [False, False]),  # a model of zeros: no scale to judge by
         ([1.0, 1e9], 2.0, None, [False, False]),  # off
         ([0.5, 1.5], 2.0, 0.5, [False, True]),  # a bound below the model's own norm
         ([], 2.0, 100.0, []),
+        # a model of 10,000 weights whose norm is below 0.01 per weight (0.01 * 100 = 1): judged by 1
+        ([1.0, 100.0, 100.1], 0.0, 100.0, [False, False, True]),
+        ([1.0, 100.0, 100.1], 0.5, 100.0, [False, False, True]),
     ],
 )
 def test_model_norm_outliers(norms, model_norm, ratio, expected):
-    assert [reason is not None for reason in model_norm_outliers(norms, model_norm, ratio)] == expected
+    assert [reason is not None for reason in model_norm_outliers(norms, model_norm, 10_000, ratio)] == expected
+
+
+def test_a_model_near_zero_is_judged_by_a_least_scale_per_weight():
+    """A zero-initialised linear model: its norm (the biases) is no scale for its first updates."""
+    honest, absurd = model_norm_outliers([10.2, 1e4], 0.075, 7850, 100.0)
+    assert honest is None  # 136x the model's norm (measured: Fashion-MNIST, 5 local epochs)
+    assert absurd.startswith("update norm 1e+04 is 1.13e+04x 0.886 = 0.01 per weight, the scale used when the "
+                             "global model's norm (0.075) is smaller (max_model_norm_ratio 100;")
 
 
 def test_error_replies_are_dropped_before_the_strategy_sees_them():
@@ -367,7 +377,7 @@ def test_integer_arrays_and_buffers_are_not_part_of_an_update_norm():
     large shard looked 800x farther from the model than one with a small shard."""
     assert update_norm(trained_for(800), BN_GLOBAL) == pytest.approx(0.5 * np.sqrt(6))
     assert update_norm(trained_for(800, variance=3.0), BN_GLOBAL, skip=BN_BUFFERS) == pytest.approx(0.5 * np.sqrt(6))
-    assert model_norm(trained_for(800, variance=3.0), skip=BN_BUFFERS) == pytest.approx(1.5 * np.sqrt(6))
+    assert set(learnt_weights(trained_for(800), skip=BN_BUFFERS)) == {"w"}
 
 
 def test_a_client_with_many_more_steps_or_other_statistics_is_not_mistaken_for_an_outlier():

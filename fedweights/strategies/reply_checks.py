@@ -94,24 +94,23 @@ def decoded_model(
     return values, None
 
 
+def learnt_weights(values: Mapping[str, np.ndarray], skip: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """The floating-point arrays of a model not in ``skip`` (its buffers), the ones norms measure.
+    Integer arrays are left out: a counter such as BatchNorm's ``num_batches_tracked`` grows by the
+    client's step count, which would make a client's update norm measure its data size."""
+    return {k: v for k, v in values.items() if v.dtype.kind == "f" and k not in skip}
+
+
 def update_norm(
     values: Mapping[str, np.ndarray], reference_values: Mapping[str, np.ndarray], skip: Collection[str] = ()
 ) -> float:
-    """L2 norm of ``values - reference_values`` over the floating-point arrays not in ``skip``, in
-    float64, one array's difference in memory at a time (the norm of the per-array norms). Integer
-    arrays are left out: a counter such as BatchNorm's ``num_batches_tracked`` grows by the client's
-    step count, which would make a client's update norm measure its data size."""
+    """L2 norm of ``values - reference_values`` over ``learnt_weights(reference_values, skip)``, in
+    float64, one array's difference in memory at a time (the norm of the per-array norms)."""
     per_array = [
         l2_norm({k: np.subtract(values[k], ref, dtype=np.float64)})
-        for k, ref in reference_values.items()
-        if ref.dtype.kind == "f" and k not in skip
+        for k, ref in learnt_weights(reference_values, skip).items()
     ]
     return l2_norm({"": np.asarray(per_array, dtype=np.float64)})
-
-
-def model_norm(values: Mapping[str, np.ndarray], skip: Collection[str] = ()) -> float:
-    """L2 norm of a model's floating-point arrays not in ``skip`` (those ``update_norm`` measures)."""
-    return l2_norm({k: v for k, v in values.items() if v.dtype.kind == "f" and k not in skip})
 
 
 def metrics_problem(
