@@ -65,7 +65,7 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
         from ..crypto.codec import layout_of
 
         layout_of(runtime.task().model_fn().state_dict())
-    if not config.he.enabled:
+    else:
         build_strategy(config)  # fail fast on an unknown or unloadable strategy (--he: checked above)
     if config.dp.enabled or config.strategy.max_examples is not None:
         shards = [runtime.task().client_data(i, config.clients, config) for i in range(config.clients)]

@@ -114,8 +114,8 @@ class ValidatedStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
-        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s, max_model_norm_ratio=%s, max_examples=%s",
-            self.max_norm, self.max_norm_ratio, self.max_model_norm_ratio, self.max_examples)
+        log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s, max_model_norm_ratio=%s, "
+            "max_examples=%s", self.max_norm, self.max_norm_ratio, self.max_model_norm_ratio, self.max_examples)
         self.strategy.summary()
 
     def configure_train(
