@@ -59,7 +59,6 @@ BAD_UPDATES = [
     (train_reply(16, {**update(0.1), "w": np.full((3, 2), np.inf, np.float32)}), "'w' holds NaN or infinite values"),
     (train_reply(17, update(0.1), num_examples=0), "'num-examples' must be a positive finite number"),
     (train_reply(18, update(0.1), num_examples=float("nan")), "'num-examples' must be a positive finite number"),
-    (train_reply(19, update(0.1), extra_metric=1.0), "metric keys"),
     (with_array(train_reply(20, update(0.1)), "w", encoded("float32", (3, 2), np.ones(11, np.float32))),
      "'w' declares float32[3, 2] but its data is float32[11]"),
     (with_array(train_reply(21, update(0.1)), "w", encoded("float32", (3, 2), np.ones((3, 2), np.float64))),
@@ -306,7 +305,8 @@ BAD_EVALUATIONS = [
     (evaluation_reply(15, **{"num-examples": -10}), "'num-examples' must be a non-negative finite number, got -10"),
     (evaluation_reply(16, **{"num-examples": 1e200}), "'num-examples' is 1e+200, more than the largest accepted"),
     (evaluation_reply(17, eval_accuracy=[0.5, 0.5]), "metric keys ['eval_accuracy[2]', 'eval_loss', 'num-examples'] differ"),
-    (evaluation_reply(18, extra=1.0), "metric keys"),
+    (Message(content=RecordDict({"metrics": MetricRecord({"eval_loss": 0.4, "num-examples": 10})}), metadata=metadata(18)),
+     "metric keys ['eval_loss', 'num-examples'] differ from the other clients' ['eval_accuracy', 'eval_loss', 'num-examples']"),
     (Message(content=RecordDict({"metrics": MetricRecord({"eval_loss": 0.4, "eval_accuracy": 0.9})}), metadata=metadata(19)),
      "'num-examples' must be a non-negative finite number, got None"),
     (Message(content=RecordDict(), metadata=metadata(20)), "expected one MetricRecord, got 0"),
@@ -321,6 +321,30 @@ def test_a_bad_evaluation_reply_is_excluded_with_its_reason(bad, reason):
     (rejection,) = strategy.rejected_evaluation[1]
     assert rejection["node"] == str(bad.metadata.src_node_id)
     assert rejection["reason"].startswith("evaluation rejected: ") and reason in rejection["reason"]
+
+
+def test_a_site_reporting_an_extra_metric_still_counts_without_it():
+    """Two sites, one (say, on a newer client) reporting a metric the other does not: whichever
+    replied first set the round's keys, and the other's update was rejected."""
+    for first, second in [(1, 2), (2, 1)]:
+        replies = {1: train_reply(1, update(1.0), grad_norm=2.5), 2: train_reply(2, update(3.0))}
+        strategy = validated()
+        arrays, metrics = strategy.aggregate_train(1, [replies[first], replies[second]])
+        np.testing.assert_allclose(arrays["w"].numpy(), 2.0)  # both updates
+        assert rejected_updates(strategy, 1) == [] and set(metrics) == {"train_loss"}  # FedAvg's average, no extra
+    strategy = validated()
+    metrics = strategy.aggregate_evaluate(1, [evaluation_reply(1, extra=1.0), evaluation_reply(2, eval_accuracy=0.7)])
+    assert metrics["eval_accuracy"] == pytest.approx(0.8) and strategy.rejected_evaluation[1] == []
+
+
+def test_a_minority_lacking_the_usual_metrics_is_still_rejected():
+    strategy = validated()
+    bare = Message(content=RecordDict({"arrays": array_record(update(9.0)), "metrics": MetricRecord({"num-examples": 10})}),
+                   metadata=metadata(3))
+    arrays, _ = strategy.aggregate_train(1, [bare, train_reply(1, update(1.0)), train_reply(2, update(3.0))])
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
+    (rejection,) = rejected_updates(strategy, 1)
+    assert rejection["node"] == "3" and "differ from the other clients' ['num-examples', 'train_loss']" in rejection["reason"]
 
 
 def test_evaluation_replies_without_examples_are_left_out_and_all_empty_gives_no_metrics():

@@ -43,13 +43,18 @@ def record_names(replies: Iterable[Message]) -> tuple[str, str]:
 
 
 def usual_signature(replies: Iterable[Message]) -> Signature | None:
-    """The metric keys (and list lengths) most replies with one MetricRecord carry."""
+    """The metric keys (and list lengths) most replies with one MetricRecord carry; of equally
+    common ones, the one with the fewest keys (replies that carry more are accepted without the
+    extra metrics: two sites, one of which reports a metric the other does not, both count)."""
     counts = Counter(
         metrics_signature(next(iter(r.content.metric_records.values())))
         for r in replies
         if len(r.content.metric_records) == 1
     )
-    return counts.most_common(1)[0][0] if counts else None
+    if not counts:
+        return None
+    most = max(counts.values())
+    return min((signature for signature, count in counts.items() if count == most), key=len)
 
 
 def metrics_signature(metrics: Mapping) -> Signature:
@@ -138,7 +143,7 @@ def metrics_problem(
         problem = _value_problem(key, value)
         if problem is not None:
             return problem
-    if usual is not None and metrics_signature(metrics) != usual:
+    if usual is not None and not usual <= metrics_signature(metrics):  # more metrics: the extra ones are dropped
         return f"metric keys {_describe(metrics_signature(metrics))} differ from the other clients' {_describe(usual)}"
     return None
 
@@ -149,13 +154,17 @@ def weight_of(reply: Message, weight_key: str) -> float:
 
 
 def canonical_copy(
-    reply: Message, array_name: str | None, arrays: ArrayRecord | None, metric_name: str
+    reply: Message, array_name: str | None, arrays: ArrayRecord | None, metric_name: str, usual: Signature | None
 ) -> Message:
     """A copy of an accepted ``reply`` with its records under the round's names (the arrays, if
-    any, given in the global model's order) and its other records unchanged."""
+    any, given in the global model's order), its metrics limited to the ``usual`` keys, and its
+    other records unchanged."""
     content = reply.content
     records = {array_name: arrays} if array_name is not None and arrays is not None else {}
-    records[metric_name] = next(iter(content.metric_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    if usual is not None:
+        metrics = MetricRecord({key: metrics[key] for key, _ in usual})
+    records[metric_name] = metrics
     for name, record in content.config_records.items():
         records.setdefault(name, record)
     return Message(content=RecordDict(records), metadata=copy.copy(reply.metadata))

@@ -13,7 +13,8 @@ Flower's DP wrappers do. A training reply is excluded, with its reason logged an
   gradient, and dwarfed honest updates) are left out, though checked like the rest otherwise),
 - lacks a positive, finite example count (the FedAvg weight, at most 2^63 and at most ``max_examples``
   when that is set: clients' counts are otherwise taken on trust), has a metric that is not
-  a finite number (or a loss < 0), or has other metrics than its peers,
+  a finite number (or a loss < 0), or lacks metrics most peers carry (a reply with more is
+  accepted without the extra ones: ``reply_checks.usual_signature``),
 - moves the model more than ``max_model_norm_ratio`` times the global model's own norm (at least
   ``MIN_WEIGHT_RMS`` per weight; of the replies that passed the checks above, when at least one of
   them is within the bound): a scale no reply controls, so it also holds in rounds too small for the
@@ -178,7 +179,7 @@ class ValidatedStrategy(Strategy):
         too_large = model_norm_outliers(norms, global_norm, size, model_ratio, server_round)
         passed, norms = _without_outliers(passed, norms, too_large, rejected)
         passed, norms = _without_outliers(passed, norms, norm_outliers(norms, self.max_norm_ratio), rejected)
-        accepted = [canonical_copy(r, array_name, ordered_like(self._global, r), metric_name) for r in passed]
+        accepted = [canonical_copy(r, array_name, ordered_like(self._global, r), metric_name, usual) for r in passed]
         return accepted, rejected
 
     def configure_evaluate(
@@ -213,7 +214,7 @@ def screen_evaluation(
             log(WARNING, "round %d: node %s: %s%s", server_round, node, EVALUATION_REJECTED_PREFIX, problem)
             rejected.append({"node": node, "reason": EVALUATION_REJECTED_PREFIX + problem})
         elif weight_of(reply, weight_key) > 0:
-            accepted.append(canonical_copy(reply, None, None, metric_name))
+            accepted.append(canonical_copy(reply, None, None, metric_name, usual))
     return accepted, rejected
 
 
