@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.serverapp import strategy as flwr_strategies
 
-from fedweights.config import HEConfig, RunConfig, StrategyConfig, UserDPConfig, load_config
+from fedweights.config import DPConfig, HEConfig, RunConfig, StrategyConfig, UserDPConfig, load_config
 from fedweights.errors import ConfigError
 from fedweights.strategies import (
     BUILTINS,
@@ -85,6 +85,9 @@ def test_the_median_relative_norm_bound_a_run_applies(settings, ratio):
         ({"user_dp": UserDPConfig(enabled=True, clients_per_round=2)}, None),  # clipping bounds updates there
         ({"user_dp": UserDPConfig(enabled=True, clients_per_round=2),  # ... but it may be asked for
           "strategy": StrategyConfig(max_model_norm_ratio=50.0)}, 50.0),
+        ({"dp": DPConfig(enabled=True, noise_multiplier=5.0)}, None),  # DP-SGD's noise sets the updates' scale
+        ({"dp": DPConfig(enabled=True, noise_multiplier=5.0), "strategy": StrategyConfig(max_model_norm_ratio=500.0)},
+         500.0),
     ],
 )
 def test_the_model_relative_norm_bound_a_run_applies(settings, ratio):
