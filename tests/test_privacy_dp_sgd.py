@@ -239,3 +239,15 @@ def test_history_records_the_rate_opacus_samples_at(n):
     ((sigma, rate, steps),) = result.history
     assert (sigma, rate) == (1.0, plan.sample_rate)
     assert steps - 5 in (plan.steps, plan.steps - 1)  # the batches Opacus' sampler actually drew
+
+
+def test_flower_log_lines_print_once_after_opacus_is_imported():
+    # Opacus' import calls logging.basicConfig; its extra root handler doubled every Flower line.
+    script = (
+        "import logging, fedweights.privacy.dp_sgd\n"
+        "from flwr.common.logger import log\n"
+        "log(logging.WARNING, 'round 3: a line said once')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (out.stdout + out.stderr).count("round 3: a line said once") == 1

@@ -27,6 +27,21 @@ from ..errors import UserError
 from ..task import Task
 from .accounting import Entry, merge_history
 
+# Importing Opacus runs ``logging.basicConfig`` (opacus/utils/module_utils.py), which adds a root
+# handler: every Flower log line then printed twice, once with Opacus' format. Only that handler goes.
+_OPACUS_LOG_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+
+
+def _remove_opacus_root_handler() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        formatter = handler.formatter
+        if formatter is not None and formatter._fmt == _OPACUS_LOG_FORMAT:
+            root.removeHandler(handler)
+
+
+_remove_opacus_root_handler()
+
 # Ghost clipping computes per-sample gradient NORMS without materialising per-sample gradients,
 # but only for the layer types Opacus has norm samplers for (Linear, Embedding); other layers
 # fall back to per-sample gradients plus a second backward pass. It pays when most parameters
