@@ -2,7 +2,8 @@
 (×10) attackers, each on its own (fedweights' norm screens off), plus FedAvg behind update
 validation under the same attack (max_norm; the default screens) and under a ×10⁶ scaling attack
 (the default screens, and off), with 10 clients and with 2 (one attacker: too few updates for the
-median screen, the model-relative one judges).
+median screen, the model-relative one judges; under --dp, where that one is off, the DP-SGD bound
+judges: on, off, and the same run without the attacker).
 
 The test suite asserts the headline (median within 0.05 of clean FedAvg, FedAvg collapses); this
 records the whole table side by side in one run.
@@ -16,7 +17,7 @@ import time
 from rich.console import Console
 
 from fedweights import RunConfig, simulate
-from fedweights.config import AttackConfig, StrategyConfig
+from fedweights.config import AttackConfig, DPConfig, StrategyConfig
 from fedweights.errors import RunFailed
 from fedweights.progress import RichReporter
 from fedweights.strategies import BUILTINS
@@ -28,9 +29,12 @@ SCALING_ONE = AttackConfig(malicious=1, kind="scale", scale=1e6)
 SCREENS_OFF = {"max_norm_ratio": 0, "max_model_norm_ratio": 0}
 
 
-def scenarios() -> dict[str, tuple[StrategyConfig, AttackConfig, int]]:
-    """Name → (strategy, attack, clients) of every run."""
-    runs: dict[str, tuple[StrategyConfig, AttackConfig, int]] = {}
+DP = DPConfig(enabled=True, noise_multiplier=1.0)
+
+
+def scenarios() -> dict[str, tuple[StrategyConfig, AttackConfig, int] | tuple[StrategyConfig, AttackConfig, int, DPConfig]]:
+    """Name → (strategy, attack, clients[, DP settings]) of every run."""
+    runs: dict = {}
     for name in BUILTINS:
         strategy = StrategyConfig(name=name, byzantine=2 if "krum" in name else 0, **SCREENS_OFF)
         runs[f"{name}/clean"] = (strategy, AttackConfig(), CLIENTS)
@@ -41,16 +45,20 @@ def scenarios() -> dict[str, tuple[StrategyConfig, AttackConfig, int]]:
     runs["fedavg/scale"] = (StrategyConfig(**SCREENS_OFF), SCALING, CLIENTS)
     runs["fedavg+default/2 clients, 1 scaling"] = (StrategyConfig(), SCALING_ONE, 2)
     runs["fedavg/2 clients, 1 scaling"] = (StrategyConfig(**SCREENS_OFF), SCALING_ONE, 2)
+    runs["fedavg+default/dp, 2 clients, 1 scaling"] = (StrategyConfig(), SCALING_ONE, 2, DP)
+    runs["fedavg+no dp_update_bound/dp, 2 clients, 1 scaling"] = (StrategyConfig(dp_update_bound=False), SCALING_ONE, 2, DP)
+    runs["fedavg+default/dp, 2 clients, clean"] = (StrategyConfig(), AttackConfig(), 2, DP)
     return runs
 
 
 def run() -> dict:
     results = {}
     quiet = RichReporter(Console(quiet=True))
-    for label, (strategy, attack, clients) in scenarios().items():
+    for label, (strategy, attack, clients, *dp) in scenarios().items():
         with tempfile.TemporaryDirectory() as out:
             started = time.perf_counter()
-            config = RunConfig(clients=clients, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS, strategy=strategy, attack=attack, out=out)
+            config = RunConfig(clients=clients, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS, strategy=strategy, attack=attack,
+                               out=out, dp=dp[0] if dp else DPConfig())
             try:
                 result = simulate(config, reporter=quiet)
             except RunFailed as failure:  # e.g. every update NaN after an absurd one was averaged in
@@ -64,7 +72,8 @@ def run() -> dict:
         }
     return {
         "benchmark": "robustness",
-        "setup": f"digits, {CLIENTS} clients IID (2 where the name says so), {ROUNDS} rounds x {LOCAL_EPOCHS} local epochs; attacks: {ATTACK}, {SCALING}",
+        "setup": f"digits, {CLIENTS} clients IID (2 where the name says so), {ROUNDS} rounds x {LOCAL_EPOCHS} local epochs; "
+        f"attacks: {ATTACK}, {SCALING}; 'dp' rows: {DP}",
         "results": results,
     }
 

@@ -149,6 +149,9 @@ class StrategyConfig:
     # update validation: largest accepted ratio of an update's norm to the global model's norm
     # (None: DEFAULT_MAX_MODEL_NORM_RATIO where it applies; 0: off)
     max_model_norm_ratio: float | None = None
+    # update validation under --dp: reject updates further than DP-SGD with the run's settings can move
+    # the model in one round (strategies.dp_update_bound)
+    dp_update_bound: bool = True
 
     def validate(self, clients: int) -> None:
         """Check the ranges of the strategy settings (the name is checked when the strategy is built)."""

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from fedweights import RunConfig, simulate
-from fedweights.config import AttackConfig, StrategyConfig, UserDPConfig
+from fedweights.config import AttackConfig, DPConfig, StrategyConfig, UserDPConfig
 from fedweights.privacy.user_level import user_level_epsilon
 from fedweights.progress import RichReporter
 
@@ -74,3 +74,19 @@ def test_custom_strategy_example_runs_as_documented(tmp_path):
     assert metrics["config"]["strategy"]["name"] == "custom_strategy:TrimmedNormWeightedMean"
     assert metrics["status"] == "completed" and [r["num_clients"] for r in metrics["rounds"]] == [10] * 4
     assert metrics["rounds"][-1]["eval_accuracy"] > 0.85  # robust to the 2 sign-flipping clients
+
+
+def test_a_dp_run_of_two_sites_rejects_an_update_no_dp_sgd_client_can_send(tmp_path):
+    # Two sites: too few updates for the median screen, and the model-relative bound is off under
+    # --dp; the DP-SGD bound rejects the x10^6 update every round and the run completes on the other.
+    config = RunConfig(
+        clients=2, rounds=2, out=str(tmp_path / "run"), dp=DPConfig(enabled=True, noise_multiplier=1.0),
+        attack=AttackConfig(malicious=1, kind="scale", scale=1e6),
+    )  # fmt: skip
+    metrics = json.loads((simulate(config, reporter=QUIET).run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    for record in metrics["rounds"]:
+        (failure,) = record["failures"]
+        assert "the furthest DP-SGD moves the model in one round" in failure["reason"]
+        assert record["num_clients"] == 1
+    assert metrics["rounds"][-1]["eval_accuracy"] > 0.3

@@ -72,6 +72,8 @@ RUN_OPTIONS: list[RunOption] = [
          "median update norm (default: 10, with 3 or more updates; 0: off)."),
     _opt("max_model_norm_ratio", "strategy.max_model_norm_ratio", float, help="Reject updates whose norm exceeds R x "
          "the global model's norm (default: 100; 0: off)."),
+    _opt("dp_update_bound", "strategy.dp_update_bound", bool, "--dp-update-bound/--no-dp-update-bound",
+         help="With --dp: reject updates further than DP-SGD with the run's settings can move the model (default: on)."),
     _opt("max_examples", "strategy.max_examples", int, help="Reject replies that claim more examples (their FedAvg "
          "weight) than this (default: counts taken on trust)."),
     _opt("malicious", "attack.malicious", int, help="Simulated attackers: partitions 0..K-1 misbehave (default: 0)."),

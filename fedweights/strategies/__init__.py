@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from .dp_update_bound import DPUpdateBound
 from .registry import BUILTINS, LINEAR_ATTRIBUTE, is_linear, load_strategy_class, make_strategy, strategy_class
 from .user_dp import UserLevelDPFedAvg, user_dp_strategy
 from .validation import DEFAULT_MAX_MODEL_NORM_RATIO, DEFAULT_MAX_NORM_RATIO, ValidatedStrategy, rejected_updates
@@ -22,7 +23,7 @@ from .validation import DEFAULT_MAX_MODEL_NORM_RATIO, DEFAULT_MAX_NORM_RATIO, Va
 def build_strategy(config: RunConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
     """The strategy a run uses: the configured one (DP-FedAvg under ``user_dp``), checked against
     ``--he``, wrapped in update validation on the plaintext path (``buffer_keys``: the model's
-    buffers, left out of its update norms). Under ``--he`` it is encrypted FedAvg/FedProx/FedAvgM
+    buffers, left out of its update norms; under ``--dp``, with DP-SGD's bound on an update). Under ``--he`` it is encrypted FedAvg/FedProx/FedAvgM
     (or DP-FedAvg with distributed noise), which validates the encrypted updates itself."""
     check_he_compatible(config)
     if config.he.enabled:
@@ -37,6 +38,7 @@ def build_strategy(config: RunConfig, buffer_keys: Iterable[str] = ()) -> Strate
         max_examples=config.strategy.max_examples,
         max_model_norm_ratio=_max_model_norm_ratio(config),
         buffer_keys=buffer_keys,
+        dp_bound=DPUpdateBound.of_run(config) if config.strategy.dp_update_bound else None,
     )
 
 

@@ -15,6 +15,8 @@ Flower's DP wrappers do. A training reply is excluded, with its reason logged an
   when that is set: clients' counts are otherwise taken on trust), has a metric that is not
   a finite number (or a loss < 0), or lacks metrics most peers carry (a reply with more is
   accepted without the extra ones: ``reply_checks.usual_signature``),
+- under record-level DP (``dp_bound``), moves the model further than DP-SGD with the run's settings
+  can in one round (``dp_update_bound``: a bound an honest client exceeds with probability ~e^-18),
 - moves the model more than ``max_model_norm_ratio`` times the global model's own norm (at least
   ``MIN_WEIGHT_RMS`` per weight; of the replies that passed the checks above, when at least one of
   them is within the bound): a scale no reply controls, so it also holds in rounds too small for the
@@ -53,6 +55,7 @@ from flwr.supercore import log
 
 from ..errors import RunFailed
 from ..privacy.distributed import l2_norm
+from .dp_update_bound import DPUpdateBound
 from .reply_checks import (
     canonical_copy,
     decoded_arrays,
@@ -97,8 +100,10 @@ class ValidatedStrategy(Strategy):
         max_examples: int | None = None,
         max_model_norm_ratio: float | None = None,
         buffer_keys: Iterable[str] = (),
+        dp_bound: DPUpdateBound | None = None,
     ) -> None:
         self.strategy = strategy
+        self.dp_bound = dp_bound
         self.buffer_keys = frozenset(buffer_keys)
         self.max_norm = max_norm
         self.max_norm_ratio = max_norm_ratio
@@ -111,12 +116,13 @@ class ValidatedStrategy(Strategy):
     def __repr__(self) -> str:
         return (f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm}, "
                 f"max_norm_ratio={self.max_norm_ratio}, max_examples={self.max_examples}, "
-                f"max_model_norm_ratio={self.max_model_norm_ratio})")
+                f"max_model_norm_ratio={self.max_model_norm_ratio}, dp_bound={self.dp_bound})")
 
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
         log(INFO, "\t├──> Update validation: max_norm=%s, max_norm_ratio=%s, max_model_norm_ratio=%s, "
-            "max_examples=%s", self.max_norm, self.max_norm_ratio, self.max_model_norm_ratio, self.max_examples)
+            "max_examples=%s, DP-SGD update bound=%s", self.max_norm, self.max_norm_ratio, self.max_model_norm_ratio,
+            self.max_examples, "on" if self.dp_bound is not None else "off")
         self.strategy.summary()
 
     def configure_train(
@@ -163,19 +169,22 @@ class ValidatedStrategy(Strategy):
         reference = {k: a.numpy() for k, a in self._global.items()}
         passed, norms, rejected = [], [], []
         model_ratio = self.max_model_norm_ratio
-        norm_needed = self.max_norm_ratio is not None or model_ratio is not None
+        norm_needed = self.max_norm_ratio is not None or model_ratio is not None or self.dp_bound is not None
+        weights = learnt_weights(reference, self.buffer_keys) if norm_needed else {}
+        size = sum(w.size for w in weights.values())
         for reply in candidates:
             problem, norm = _checked_update(
                 reply, self._global, self.max_norm, reference, norm_needed, self.buffer_keys
             )
             problem = problem or metrics_problem(reply, weight_key, usual, max_examples=self.max_examples)
+            if problem is None and self.dp_bound is not None:
+                problem = self.dp_bound.problem(reply, norm, size)
             if problem is None:
                 passed.append(reply)
                 norms.append(norm)
             else:
                 rejected.append({"node": str(reply.metadata.src_node_id), "reason": REJECTED_PREFIX + problem})
-        weights = learnt_weights(reference, self.buffer_keys) if model_ratio is not None else {}
-        global_norm, size = l2_norm(weights), sum(w.size for w in weights.values())
+        global_norm = l2_norm(weights) if model_ratio is not None else 0.0
         too_large = model_norm_outliers(norms, global_norm, size, model_ratio, server_round)
         passed, norms = _without_outliers(passed, norms, too_large, rejected)
         passed, norms = _without_outliers(passed, norms, norm_outliers(norms, self.max_norm_ratio), rejected)

@@ -1,0 +1,109 @@
+"""The furthest an honest DP-SGD client can move the model in one round, for the update screen.
+
+Under ``--dp`` every client runs the same fixed loop (``privacy.dp_sgd``): T steps of SGD with
+momentum β and learning rate η on per-example gradients clipped to C, summed, given Gaussian
+noise of standard deviation σC and divided by Opacus' expected batch size E = int(n·q). The
+round's update is then ``η Σ_t c_t g_t`` with momentum weights ``c_t = Σ_{k ≤ T-t} β^k`` (FedProx's
+proximal step only shrinks them), so by the triangle inequality its norm is at most
+
+- signal: η·C·c_max·(examples drawn)/E, where the draws over the round are Binomial with mean
+  n·epochs (bounded here by that mean plus 6 standard deviations), plus
+- noise: η·σC/E·√(Σ c_t²)·(√d + 6) for d learnt weights (a d-dimensional standard normal's norm
+  exceeds √d + 6 with probability below e^-18).
+
+This is a bound, not an estimate: an honest client is over it with probability ~e^-18, so a reply
+that is (a broken client, a scaling attack) is rejected in any round, even with two sites, where
+the median screen cannot judge and the model's own norm is no yardstick (DP noise sets the
+update's size). The configuration (η, β, C, B, epochs and a fixed σ) is the server's; a client's
+example count, and its σ when the run calibrates σ to a target ε, come from its reply's spend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from ..config import RunConfig
+from ..privacy.plan import DEFAULT_NOISE_MULTIPLIER, batches_per_epoch
+from ..privacy.protocol import PRIVACY, ClientSpend
+
+TAIL = 6.0  # standard deviations of slack on the examples drawn, and on the noise's norm
+
+
+@dataclass(frozen=True)
+class DPUpdateBound:
+    """The run's DP-SGD settings; ``noise_multiplier`` None: each client's own (calibrated) σ."""
+
+    lr: float
+    momentum: float
+    max_grad_norm: float
+    batch_size: int
+    local_epochs: int
+    noise_multiplier: float | None
+
+    @classmethod
+    def of_run(cls, config: RunConfig) -> DPUpdateBound | None:
+        """The bound for a record-level DP run (None when ``--dp`` is off)."""
+        dp = config.dp
+        if not dp.enabled:
+            return None
+        if dp.target_epsilon is not None:
+            sigma = None
+        else:
+            sigma = dp.noise_multiplier if dp.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
+        return cls(config.lr, config.momentum, dp.max_grad_norm, config.batch_size, config.local_epochs, sigma)
+
+    def norm_bound(self, n_examples: int, noise_multiplier: float, size: int) -> float:
+        """The bound on one round's update norm for a client with ``n_examples`` examples training
+        ``size`` weights at noise multiplier ``noise_multiplier``."""
+        batches = batches_per_epoch(n_examples, self.batch_size)
+        steps = batches * self.local_epochs
+        expected_batch = max(1, int(n_examples * (1.0 / batches)))  # as Opacus divides the noisy sum
+        beta = self.momentum
+        weights = [(1 - beta ** (steps - t)) / (1 - beta) for t in range(steps)]  # Σ_{k < T-t} β^k
+        drawn = n_examples * self.local_epochs
+        drawn_max = drawn + TAIL * math.sqrt(drawn) + TAIL
+        signal = self.lr * self.max_grad_norm * max(weights) * drawn_max / expected_batch
+        noise_std = noise_multiplier * self.max_grad_norm / expected_batch
+        noise = self.lr * noise_std * math.sqrt(sum(c * c for c in weights)) * (math.sqrt(size) + TAIL)
+        return signal + noise
+
+    def problem(self, reply: Message, norm: float, size: int) -> str | None:
+        """Why ``reply``'s update (norm ``norm`` over ``size`` weights) is more than DP-SGD can
+        produce, or None. A reply without a readable spend is judged by its example count at the
+        run's σ; under a target ε it is not judged (the ledger marks it unaccounted)."""
+        n_examples, sigma = self._claims(reply)
+        if n_examples is None or sigma is None:
+            return None
+        if not (math.isfinite(sigma) and sigma > 0):
+            return f"its privacy spend states a noise multiplier of {sigma}, not a positive finite number"
+        bound = self.norm_bound(n_examples, sigma, size)
+        if norm <= bound:
+            return None
+        return (
+            f"update norm {norm:.4g} is over {bound:.4g}, the furthest DP-SGD moves the model in one round "
+            f"(lr {self.lr:g}, momentum {self.momentum:g}, max_grad_norm {self.max_grad_norm:g}, σ {sigma:g}, "
+            f"{n_examples} examples, batch {self.batch_size}, local epochs {self.local_epochs}): no client "
+            "training as configured sends it (--no-dp-update-bound turns this check off)"
+        )
+
+    def _claims(self, reply: Message) -> tuple[int | None, float | None]:
+        """(example count, σ) to judge ``reply`` by."""
+        try:
+            spend = ClientSpend.from_record(reply.content[PRIVACY])
+            n_examples, claimed = int(spend.n_examples), float(spend.noise_multiplier)
+        except (KeyError, ValueError, TypeError):
+            n_examples, claimed = _example_count(reply), None
+        if n_examples is None or n_examples < 1:
+            return None, None
+        return n_examples, self.noise_multiplier if self.noise_multiplier is not None else claimed
+
+
+def _example_count(reply: Message) -> int | None:
+    for record in reply.content.metric_records.values():
+        value = record.get("num-examples")
+        if isinstance(value, int | float) and math.isfinite(value):
+            return int(value)
+    return None
