@@ -18,7 +18,7 @@ from fedweights.privacy.dp_sgd import RoundPlan, train_private_round
 from fedweights.privacy.plan import batches_per_epoch
 from fedweights.privacy.protocol import PRIVACY, ClientSpend
 from fedweights.strategies import ValidatedStrategy, build_strategy
-from fedweights.strategies.dp_update_bound import DPUpdateBound
+from fedweights.strategies.dp_update_bound import DPUpdateBound, momentum_weights
 
 from .flower_messages import NodesGrid, array_record, train_reply
 
@@ -129,3 +129,21 @@ def test_build_strategy_bounds_dp_runs_only_and_can_be_turned_off():
     assert build_strategy(RunConfig()).dp_bound is None
     off = RunConfig.from_flat({**dp.to_flat(), "strategy.dp_update_bound": False})
     assert build_strategy(off).dp_bound is None
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("steps", [1, 7, 300])
+def test_momentum_weights_in_closed_form_match_the_sums(beta, steps):
+    weights = [sum(beta**k for k in range(steps - t)) for t in range(steps)]
+    largest, squares = momentum_weights(beta, steps)
+    assert largest == pytest.approx(max(weights), rel=1e-9)
+    assert squares == pytest.approx(sum(c * c for c in weights), rel=1e-7)
+
+
+def test_a_reply_claiming_an_enormous_example_count_is_judged_at_once_by_the_smaller_count():
+    bound = DPUpdateBound(0.1, 0.9, 1.0, 16, 1, 1.0)
+    huge = dp_reply(2, 1e3, n_examples=10)
+    huge.content[PRIVACY]["n_examples"] = 10**18  # a spend that would imply 6e16 steps
+    accepted, rejected = screened(bound, dp_reply(1, 0.1), huge)
+    assert accepted == [1] and "10 examples" in rejected[2]
+    assert bound.norm_bound(10**18, 1.0, 10**6) < math.inf  # closed form: no loop over the steps

@@ -23,8 +23,9 @@ from .validation import DEFAULT_MAX_MODEL_NORM_RATIO, DEFAULT_MAX_NORM_RATIO, Va
 def build_strategy(config: RunConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
     """The strategy a run uses: the configured one (DP-FedAvg under ``user_dp``), checked against
     ``--he``, wrapped in update validation on the plaintext path (``buffer_keys``: the model's
-    buffers, left out of its update norms; under ``--dp``, with DP-SGD's bound on an update). Under ``--he`` it is encrypted FedAvg/FedProx/FedAvgM
-    (or DP-FedAvg with distributed noise), which validates the encrypted updates itself."""
+    buffers, left out of its update norms; under ``--dp``, with DP-SGD's bound on an update). Under
+    ``--he`` it is encrypted FedAvg/FedProx/FedAvgM (or DP-FedAvg with distributed noise), which
+    validates the encrypted updates itself."""
     check_he_compatible(config)
     if config.he.enabled:
         from .encrypted import build_encrypted_strategy

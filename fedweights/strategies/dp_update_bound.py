@@ -61,13 +61,12 @@ class DPUpdateBound:
         batches = batches_per_epoch(n_examples, self.batch_size)
         steps = batches * self.local_epochs
         expected_batch = max(1, int(n_examples * (1.0 / batches)))  # as Opacus divides the noisy sum
-        beta = self.momentum
-        weights = [(1 - beta ** (steps - t)) / (1 - beta) for t in range(steps)]  # Σ_{k < T-t} β^k
-        drawn = n_examples * self.local_epochs
+        largest_weight, sum_of_squares = momentum_weights(self.momentum, steps)
+        drawn = float(n_examples * self.local_epochs)
         drawn_max = drawn + TAIL * math.sqrt(drawn) + TAIL
-        signal = self.lr * self.max_grad_norm * max(weights) * drawn_max / expected_batch
+        signal = self.lr * self.max_grad_norm * largest_weight * drawn_max / expected_batch
         noise_std = noise_multiplier * self.max_grad_norm / expected_batch
-        noise = self.lr * noise_std * math.sqrt(sum(c * c for c in weights)) * (math.sqrt(size) + TAIL)
+        noise = self.lr * noise_std * math.sqrt(sum_of_squares) * (math.sqrt(size) + TAIL)
         return signal + noise
 
     def problem(self, reply: Message, norm: float, size: int) -> str | None:
@@ -90,15 +89,31 @@ class DPUpdateBound:
         )
 
     def _claims(self, reply: Message) -> tuple[int | None, float | None]:
-        """(example count, σ) to judge ``reply`` by."""
+        """(example count, σ) to judge ``reply`` by: of the spend's count and the FedAvg weight
+        (the same number from an honest client) the smaller, so neither can widen the bound alone."""
+        weight = _example_count(reply)
         try:
             spend = ClientSpend.from_record(reply.content[PRIVACY])
             n_examples, claimed = int(spend.n_examples), float(spend.noise_multiplier)
-        except (KeyError, ValueError, TypeError):
-            n_examples, claimed = _example_count(reply), None
+        except (KeyError, ValueError, TypeError, OverflowError):
+            n_examples, claimed = weight, None
+        if weight is not None and n_examples is not None:
+            n_examples = min(n_examples, weight)
         if n_examples is None or n_examples < 1:
             return None, None
         return n_examples, self.noise_multiplier if self.noise_multiplier is not None else claimed
+
+
+def momentum_weights(beta: float, steps: int) -> tuple[float, float]:
+    """The largest momentum weight c_t = Σ_{k < T-t} β^k of a T-step round, and Σ_t c_t², in
+    closed form (T is any count a reply implies, so no loop over it)."""
+    if beta == 0:
+        return 1.0, float(steps)
+    tail = beta**steps
+    largest = (1 - tail) / (1 - beta)
+    # Σ_{j=1..T} (1 - β^j)² / (1 - β)²
+    squares = steps - 2 * beta * (1 - tail) / (1 - beta) + beta**2 * (1 - tail * tail) / (1 - beta**2)
+    return largest, max(squares, 0.0) / (1 - beta) ** 2
 
 
 def _example_count(reply: Message) -> int | None:
