@@ -25,6 +25,7 @@ def test_cli_two_clients_one_round_writes_metrics_and_model(cli, tmp_path):
     result = cli("simulate", "--clients", "2", "--rounds", "1", "--no-dp", "--no-he", "--out", str(out), env={"FEDWEIGHTS_RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "round 1/1" in result.stdout and "eval_accuracy" in result.stdout  # progress + table
+    assert "DEPRECATED FEATURE" not in result.stderr  # Flower's 'use flwr run' notice is not for simulate's users
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed"

@@ -150,10 +150,15 @@ def _quiet_flower(verbose: bool) -> None:
 
 
 class _NoTracebacks(logging.Filter):
-    """Drop the tracebacks Flower logs for each failed client call (e.g. every actor once Ray died)."""
+    """Drop the tracebacks Flower logs for each failed client call (e.g. every actor once Ray died),
+    and its notice that ``run_simulation`` is deprecated: it asks for ``flwr run``, which
+    ``fedweights simulate`` users do not call (``fedweights server`` is the ``flwr run`` path)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Traceback (most recent call last)")
+        message = str(record.msg)
+        if message.startswith("Traceback (most recent call last)"):
+            return False
+        return not (message.startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
 
 
 def _root_cause(exc: BaseException) -> str:
