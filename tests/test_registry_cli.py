@@ -151,3 +151,10 @@ def test_log_is_readable_at_80_columns(served, tmp_path, cli):
     wide = weights(served, "log", name)  # COLUMNS=200: the table, one row per version, nothing cut
     rows = [line for line in wide.output.splitlines() if f"{name}:" in line]
     assert len(rows) == 3 and all(v.sha256[:12] in row for v, row in zip(versions, rows)) and "…" not in wide.output
+
+    listed = cli("weights", "list", env=env)  # every model's whole name, one block each
+    assert listed.returncode == 0, listed.stderr
+    assert max(len(line) for line in listed.stdout.splitlines()) <= 80 and "…" not in listed.stdout
+    assert f"\n{name}\n  versions  3\n  latest    3\n" in "\n" + listed.stdout
+    wide_list = weights(served, "list")  # COLUMNS=200: one table row per model
+    assert [line for line in wide_list.output.splitlines() if name in line][0].count("│") == 8

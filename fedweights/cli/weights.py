@@ -68,15 +68,24 @@ def list_command(
     token_file: Optional[Path] = TOKEN_FILE,
     tls_dir: Optional[Path] = TLS_DIR,
 ) -> None:
-    """Every model in the registry with its newest version."""
+    """Every model in the registry with its newest version.
+
+    A table when it fits the terminal; otherwise one block per model (no column is cut short).
+    """
     with _client(registry, token_file, tls_dir) as client:
         models = client.list()
+    if not models:
+        console.print("the registry holds no models yet")
+        return
     table = Table("name", "versions", "latest", "size", "tags", "privacy", "created")
+    blocks = []
     for model in models:
         m = model.latest.manifest
-        table.add_row(model.name, str(model.versions), str(m.version), _size(m.size_bytes), ",".join(m.tags),
-                      describe_guarantee(m.privacy), _when(m))  # fmt: skip
-    console.print(table if models else "the registry holds no models yet")
+        rows = [("versions", str(model.versions)), ("latest", str(m.version)), ("size", _size(m.size_bytes)),
+                ("tags", ",".join(m.tags)), ("privacy", describe_guarantee(m.privacy)), ("created", _when(m))]
+        table.add_row(escape(model.name), *(escape(value) for _, value in rows))
+        blocks.append((model.name, rows))
+    _print_table_or_blocks(table, blocks)
 
 
 @weights_app.command("log")
@@ -93,24 +102,31 @@ def log_command(
     with _client(registry, token_file, tls_dir) as client:
         versions = client.log(ref)
     table = Table("version", "sha256", "manifest", "parent", "tags", "privacy", "run / round", "created")
+    blocks = []
     for v in versions:
         m = v.manifest
         run = f"{m.run_id} / {m.round}" if m.run_id else ""
         table.add_row(escape(v.ref), m.sha256[:12], _short(v.digest), escape(v.parent or "-"), escape(",".join(m.tags)),
                       escape(describe_guarantee(m.privacy)), escape(run), _when(m))  # fmt: skip
-    if Measurement.get(console, console.options.update_width(1 << 16), table).maximum <= console.width:  # natural width
-        console.print(table)
-        return
-    for n, v in enumerate(versions):  # too narrow for the table: one block per version, values wrapped
-        m = v.manifest
         rows = [("sha256", m.sha256[:12]), ("manifest", _short(v.digest)), ("parent", v.parent or "-"),
                 ("tags", ", ".join(m.tags)), ("privacy", describe_guarantee(m.privacy)),
                 ("run", f"{m.run_id}, round {m.round}" if m.run_id else ""), ("created", _when(m))]  # fmt: skip
+        blocks.append((v.ref, rows))
+    _print_table_or_blocks(table, blocks, always=("parent",))
+
+
+def _print_table_or_blocks(table: Table, blocks: list[tuple[str, list[tuple[str, str]]]], always=()) -> None:
+    """``table`` when its natural width fits the terminal; otherwise each (title, [(label, value)])
+    block, values folded to the width (empty values left out unless their label is in ``always``)."""
+    if Measurement.get(console, console.options.update_width(1 << 16), table).maximum <= console.width:
+        console.print(table)
+        return
+    for n, (title, rows) in enumerate(blocks):
         if n:
             console.print()
-        _print_wrapped(Text(v.ref, style="bold"), "", 0)
+        _print_wrapped(Text(title, style="bold"), "", 0)
         for label, value in rows:
-            if value or label == "parent":
+            if value or label in always:
                 _print_wrapped(Text(value), f"  {label:<10}", 12)
 
 
