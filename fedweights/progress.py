@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .run_dir import RoundRecord
@@ -22,7 +23,8 @@ class RichReporter:
 
     def run_started(self, rounds: int, clients: int, run_dir: str) -> None:
         """Announce the run."""
-        self.console.print(f"[bold]fedweights[/bold]: {rounds} rounds, {clients} clients → {run_dir}")
+        self.console.print(f"[bold]fedweights[/bold]: {_count(rounds, 'round')}, {_count(clients, 'client')} → "
+                           f"{escape(str(run_dir))}")
 
     def round_finished(self, record: RoundRecord, rounds: int) -> None:
         """One line per finished round."""
@@ -54,3 +56,7 @@ def rounds_table(records: Sequence[RoundRecord]) -> Table:
             f"{r.seconds:.2f}",
         )
     return table
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
