@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from fedweights.config import DPConfig, RunConfig
 from fedweights.privacy.dp_sgd import RoundPlan, train_private_round
-from fedweights.privacy.plan import batches_per_epoch
+from fedweights.privacy.plan import batches_per_epoch, round_plan
 from fedweights.privacy.protocol import PRIVACY, ClientSpend
 from fedweights.strategies import ValidatedStrategy, build_strategy
 from fedweights.strategies.dp_update_bound import DPUpdateBound, momentum_weights
@@ -112,13 +112,17 @@ def test_the_run_sigma_is_used_and_a_reply_without_a_spend_is_judged_by_its_exam
     assert accepted == [2] and set(rejected) == {1, 3}
 
 
-def test_under_a_target_epsilon_each_client_is_judged_by_its_own_sigma():
-    bound = DPUpdateBound(0.1, 0.9, 1.0, 16, 1, None)
-    accepted, rejected = screened(bound, dp_reply(1, 1.0, sigma=50.0), dp_reply(2, 1.0, sigma=1.0),
-                                  dp_reply(3, 0.1, sigma=float("nan")))
+def test_under_a_target_epsilon_a_client_is_judged_by_its_calibrated_sigma_and_an_overstated_one_is_refused():
+    config = RunConfig(dp=DPConfig(enabled=True, target_epsilon=4.0), rounds=5)
+    bound = DPUpdateBound.of_run(config)
+    calibrated = round_plan(10, config).noise_multiplier  # what a client with 10 examples uses
+    accepted, rejected = screened(bound, dp_reply(1, 0.1, sigma=calibrated), dp_reply(2, 1e3, sigma=calibrated),
+                                  dp_reply(3, 0.1, sigma=50 * calibrated), dp_reply(4, 0.1, sigma=float("nan")))
     assert accepted == [1]
     assert "is over" in rejected[2]
-    assert "noise multiplier of nan, not a positive finite number" in rejected[3]
+    assert f"states σ {50 * calibrated:g}, which over the planned 5 rounds would spend" in rejected[3]
+    assert "under 0.5x the target 4" in rejected[3]
+    assert "noise multiplier of nan, not a positive finite number" in rejected[4]
 
 
 def test_build_strategy_bounds_dp_runs_only_and_can_be_turned_off():

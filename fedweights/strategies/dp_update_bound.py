@@ -15,7 +15,8 @@ This is a bound, not an estimate: an honest client is over it with probability ~
 that is (a broken client, a scaling attack) is rejected in any round, even with two sites, where
 the median screen cannot judge and the model's own norm is no yardstick (DP noise sets the
 update's size). The configuration (η, β, C, B, epochs and a fixed σ) is the server's; a client's
-example count, and its σ when the run calibrates σ to a target ε, come from its reply's spend.
+example count, and its σ when the run calibrates σ to a target ε, come from its reply's spend
+(such a σ must be near the calibrated one: see ``_overstated_sigma``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from dataclasses import dataclass
 
 from flwr.app import Message
 
-from ..config import RunConfig
-from ..privacy.plan import DEFAULT_NOISE_MULTIPLIER, batches_per_epoch
+from ..config import DPConfig, RunConfig
+from ..privacy.accounting import epsilon
+from ..privacy.plan import DEFAULT_NOISE_MULTIPLIER, batches_per_epoch, client_delta
 from ..privacy.protocol import PRIVACY, ClientSpend
 
 TAIL = 6.0  # standard deviations of slack on the examples drawn, and on the noise's norm
+TARGET_SHARE = 0.5  # under a target ε, a claimed σ must spend at least this share of it over the run
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class DPUpdateBound:
     batch_size: int
     local_epochs: int
     noise_multiplier: float | None
+    rounds: int = 1  # with ``target``: the planned run a claimed σ must be calibrated for
+    target: DPConfig | None = None  # under a target ε: the run's DP settings (δ rule, accountant)
 
     @classmethod
     def of_run(cls, config: RunConfig) -> DPUpdateBound | None:
@@ -49,11 +54,10 @@ class DPUpdateBound:
         dp = config.dp
         if not dp.enabled:
             return None
+        settings = (config.lr, config.momentum, dp.max_grad_norm, config.batch_size, config.local_epochs)
         if dp.target_epsilon is not None:
-            sigma = None
-        else:
-            sigma = dp.noise_multiplier if dp.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
-        return cls(config.lr, config.momentum, dp.max_grad_norm, config.batch_size, config.local_epochs, sigma)
+            return cls(*settings, None, config.rounds, dp)
+        return cls(*settings, dp.noise_multiplier if dp.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER)
 
     def norm_bound(self, n_examples: int, noise_multiplier: float, size: int) -> float:
         """The bound on one round's update norm for a client with ``n_examples`` examples training
@@ -78,6 +82,9 @@ class DPUpdateBound:
             return None
         if not (math.isfinite(sigma) and sigma > 0):
             return f"its privacy spend states a noise multiplier of {sigma}, not a positive finite number"
+        overstated = self._overstated_sigma(n_examples, sigma)
+        if overstated is not None:
+            return overstated
         bound = self.norm_bound(n_examples, sigma, size)
         if norm <= bound:
             return None
@@ -86,6 +93,24 @@ class DPUpdateBound:
             f"(lr {self.lr:g}, momentum {self.momentum:g}, max_grad_norm {self.max_grad_norm:g}, σ {sigma:g}, "
             f"{n_examples} examples, batch {self.batch_size}, local epochs {self.local_epochs}): no client "
             "training as configured sends it (--no-dp-update-bound turns this check off)"
+        )
+
+    def _overstated_sigma(self, n_examples: int, sigma: float) -> str | None:
+        """Under a target ε, why a claimed σ is far above the one a client calibrates (None when it
+        is not): over the planned run it would spend under ``TARGET_SHARE`` of the target, while
+        calibration spends the target (within 1 %). A client claiming more noise than it added
+        would otherwise widen the bound it is judged by. One cached ε computation per client."""
+        if self.target is None or self.target.target_epsilon is None:
+            return None
+        batches = batches_per_epoch(n_examples, self.batch_size)
+        planned = [(sigma, 1.0 / batches, batches * self.local_epochs * self.rounds)]
+        spent = epsilon(planned, client_delta(n_examples, self.target), self.target.accountant)
+        if spent >= TARGET_SHARE * self.target.target_epsilon:
+            return None
+        return (
+            f"its privacy spend states σ {sigma:g}, which over the planned {self.rounds} rounds would spend "
+            f"ε={spent:.3g}, under {TARGET_SHARE:g}x the target {self.target.target_epsilon:g} that clients "
+            "calibrate σ to: more noise than a client adds (it would widen the bound its update is judged by)"
         )
 
     def _claims(self, reply: Message) -> tuple[int | None, float | None]:
