@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from ..config import DPConfig, RunConfig
+from ..errors import UserError
 from ..privacy.accounting import epsilon
 from ..privacy.plan import DEFAULT_NOISE_MULTIPLIER, batches_per_epoch, client_delta
 from ..privacy.protocol import PRIVACY, ClientSpend
@@ -99,12 +100,17 @@ class DPUpdateBound:
         """Under a target ε, why a claimed σ is far above the one a client calibrates (None when it
         is not): over the planned run it would spend under ``TARGET_SHARE`` of the target, while
         calibration spends the target (within 1 %). A client claiming more noise than it added
-        would otherwise widen the bound it is judged by. One cached ε computation per client."""
+        would otherwise widen the bound it is judged by. ε here is RDP's: never below the PLD value
+        clients calibrate with, so an honest σ always passes, and instant for any step count a
+        reply implies (PLD can take minutes for a sample rate near 1e-6)."""
         if self.target is None or self.target.target_epsilon is None:
             return None
         batches = batches_per_epoch(n_examples, self.batch_size)
         planned = [(sigma, 1.0 / batches, batches * self.local_epochs * self.rounds)]
-        spent = epsilon(planned, client_delta(n_examples, self.target), self.target.accountant)
+        try:
+            spent = epsilon(planned, client_delta(n_examples, self.target), "rdp")
+        except UserError:  # e.g. σ above the largest calibration ever returns
+            spent = 0.0
         if spent >= TARGET_SHARE * self.target.target_epsilon:
             return None
         return (
