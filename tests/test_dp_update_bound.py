@@ -49,6 +49,12 @@ def honest_norm(n, batch, epochs, sigma, lr, momentum, proximal_mu=0.0, loud=Fal
 SIZE = sum(p.numel() for p in mlp().parameters())
 
 
+def bound_of(lr, momentum, clip, batch, epochs, sigma) -> DPUpdateBound:
+    """The bound of a run with these DP-SGD settings (σ 0 stands for a σ passed to norm_bound)."""
+    dp = DPConfig(enabled=True, noise_multiplier=sigma or 1.0, max_grad_norm=clip)
+    return DPUpdateBound.of_run(RunConfig(lr=lr, momentum=momentum, batch_size=batch, local_epochs=epochs, dp=dp))
+
+
 @pytest.mark.parametrize(
     ("n", "batch", "epochs", "sigma", "lr", "momentum", "mu", "loud", "least_share"),
     [
@@ -59,20 +65,20 @@ SIZE = sum(p.numel() for p in mlp().parameters())
     ],
 )
 def test_a_real_dp_sgd_round_stays_within_the_bound(n, batch, epochs, sigma, lr, momentum, mu, loud, least_share):
-    bound = DPUpdateBound(lr, momentum, 1.0, batch, epochs, sigma).norm_bound(n, sigma, SIZE)
+    bound = bound_of(lr, momentum, 1.0, batch, epochs, sigma).norm_bound(n, sigma, SIZE)
     for _ in range(3):
         norm = honest_norm(n, batch, epochs, sigma, lr, momentum, mu, loud)
         assert least_share * bound <= norm <= bound, (norm, bound)
 
 
 def test_the_bound_grows_with_noise_steps_and_weights():
-    bound = DPUpdateBound(0.1, 0.9, 1.0, 16, 1, 1.0)
+    bound = bound_of(0.1, 0.9, 1.0, 16, 1, 1.0)
     base = bound.norm_bound(360, 1.0, 27_000)
     assert bound.norm_bound(360, 2.0, 27_000) > 1.5 * base
     assert bound.norm_bound(720, 1.0, 27_000) > base
     assert bound.norm_bound(360, 1.0, 108_000) > 1.5 * base
     # no momentum: one step of lr·(signal + noise) per batch
-    plain = DPUpdateBound(0.1, 0.0, 1.0, 16, 1, 0.0).norm_bound(16, 0.0, 100)
+    plain = bound_of(0.1, 0.0, 1.0, 16, 1, 0.0).norm_bound(16, 0.0, 100)
     assert plain == pytest.approx(0.1 * 1.0 * (16 + 6 * 4 + 6) / 16)
 
 
@@ -96,7 +102,7 @@ def screened(bound: DPUpdateBound, *replies):
 
 
 def test_an_update_no_dp_sgd_client_can_send_is_rejected_even_with_two_sites():
-    bound = DPUpdateBound(0.1, 0.9, 1.0, 16, 1, 1.0)  # n=10, one step: at most ~0.44 here
+    bound = bound_of(0.1, 0.9, 1.0, 16, 1, 1.0)  # n=10, one step: at most ~0.44 here
     accepted, rejected = screened(bound, dp_reply(1, 0.1), dp_reply(2, 1e3))
     assert accepted == [1]
     assert "update norm 2828 is over 0.4" in rejected[2]
@@ -105,7 +111,7 @@ def test_an_update_no_dp_sgd_client_can_send_is_rejected_even_with_two_sites():
 
 
 def test_the_run_sigma_is_used_and_a_reply_without_a_spend_is_judged_by_its_example_count():
-    bound = DPUpdateBound(0.1, 0.9, 1.0, 16, 1, 1.0)
+    bound = bound_of(0.1, 0.9, 1.0, 16, 1, 1.0)
     # a client claiming a huge σ does not widen the bound when the run fixes σ
     accepted, rejected = screened(bound, dp_reply(1, 1e3, sigma=1e9), dp_reply(2, 0.1, spend=False),
                                   dp_reply(3, 1e3, spend=False))
@@ -127,7 +133,7 @@ def test_under_a_target_epsilon_a_client_is_judged_by_its_calibrated_sigma_and_a
 
 def test_build_strategy_bounds_dp_runs_only_and_can_be_turned_off():
     dp = RunConfig(dp=DPConfig(enabled=True, noise_multiplier=2.0), batch_size=32, lr=0.05)
-    assert build_strategy(dp).dp_bound == DPUpdateBound(0.05, 0.9, 1.0, 32, 1, 2.0)
+    assert build_strategy(dp).dp_bound == bound_of(0.05, 0.9, 1.0, 32, 1, 2.0)
     target = RunConfig(dp=DPConfig(enabled=True, target_epsilon=4.0))
     assert build_strategy(target).dp_bound.noise_multiplier is None
     assert build_strategy(RunConfig()).dp_bound is None
@@ -145,7 +151,7 @@ def test_momentum_weights_in_closed_form_match_the_sums(beta, steps):
 
 
 def test_a_reply_claiming_an_enormous_example_count_is_judged_at_once_by_the_smaller_count():
-    bound = DPUpdateBound(0.1, 0.9, 1.0, 16, 1, 1.0)
+    bound = bound_of(0.1, 0.9, 1.0, 16, 1, 1.0)
     huge = dp_reply(2, 1e3, n_examples=10)
     huge.content[PRIVACY]["n_examples"] = 10**18  # a spend that would imply 6e16 steps
     accepted, rejected = screened(bound, dp_reply(1, 0.1), huge)

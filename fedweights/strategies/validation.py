@@ -116,7 +116,7 @@ class ValidatedStrategy(Strategy):
     def __repr__(self) -> str:
         return (f"ValidatedStrategy({self.strategy!r}, max_norm={self.max_norm}, "
                 f"max_norm_ratio={self.max_norm_ratio}, max_examples={self.max_examples}, "
-                f"max_model_norm_ratio={self.max_model_norm_ratio}, dp_bound={self.dp_bound})")
+                f"max_model_norm_ratio={self.max_model_norm_ratio}, dp_bound={'on' if self.dp_bound else 'off'})")
 
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
@@ -178,7 +178,7 @@ class ValidatedStrategy(Strategy):
             )
             problem = problem or metrics_problem(reply, weight_key, usual, max_examples=self.max_examples)
             if problem is None and self.dp_bound is not None:
-                problem = self.dp_bound.problem(reply, norm, size)
+                problem = self.dp_bound.problem(reply, norm, size, weight_of(reply, weight_key))
             if problem is None:
                 passed.append(reply)
                 norms.append(norm)
