@@ -27,38 +27,40 @@ ATTACK = AttackConfig(malicious=2, kind="sign-flip", scale=10.0)
 SCALING = AttackConfig(malicious=2, kind="scale", scale=1e6)
 SCALING_ONE = AttackConfig(malicious=1, kind="scale", scale=1e6)
 SCREENS_OFF = {"max_norm_ratio": 0, "max_model_norm_ratio": 0}
-
-
 DP = DPConfig(enabled=True, noise_multiplier=1.0)
 
 
-def scenarios() -> dict[str, tuple[StrategyConfig, AttackConfig, int] | tuple[StrategyConfig, AttackConfig, int, DPConfig]]:
-    """Name → (strategy, attack, clients[, DP settings]) of every run."""
-    runs: dict = {}
+def _run(strategy: StrategyConfig, attack: AttackConfig, clients: int, dp: DPConfig = DPConfig()) -> dict:
+    return {"strategy": strategy, "attack": attack, "clients": clients, "dp": dp}
+
+
+def scenarios() -> dict[str, dict]:
+    """Name → the RunConfig settings (strategy, attack, clients, dp) of every run."""
+    runs: dict[str, dict] = {}
     for name in BUILTINS:
         strategy = StrategyConfig(name=name, byzantine=2 if "krum" in name else 0, **SCREENS_OFF)
-        runs[f"{name}/clean"] = (strategy, AttackConfig(), CLIENTS)
-        runs[f"{name}/sign-flip"] = (strategy, ATTACK, CLIENTS)
-    runs["fedavg+max_norm=5/sign-flip"] = (StrategyConfig(max_norm=5.0, **SCREENS_OFF), ATTACK, CLIENTS)
-    runs["fedavg+default/sign-flip"] = (StrategyConfig(), ATTACK, CLIENTS)
-    runs["fedavg+default/scale"] = (StrategyConfig(), SCALING, CLIENTS)
-    runs["fedavg/scale"] = (StrategyConfig(**SCREENS_OFF), SCALING, CLIENTS)
-    runs["fedavg+default/2 clients, 1 scaling"] = (StrategyConfig(), SCALING_ONE, 2)
-    runs["fedavg/2 clients, 1 scaling"] = (StrategyConfig(**SCREENS_OFF), SCALING_ONE, 2)
-    runs["fedavg+default/dp, 2 clients, 1 scaling"] = (StrategyConfig(), SCALING_ONE, 2, DP)
-    runs["fedavg+no dp_update_bound/dp, 2 clients, 1 scaling"] = (StrategyConfig(dp_update_bound=False), SCALING_ONE, 2, DP)
-    runs["fedavg+default/dp, 2 clients, clean"] = (StrategyConfig(), AttackConfig(), 2, DP)
+        runs[f"{name}/clean"] = _run(strategy, AttackConfig(), CLIENTS)
+        runs[f"{name}/sign-flip"] = _run(strategy, ATTACK, CLIENTS)
+    runs["fedavg+max_norm=5/sign-flip"] = _run(StrategyConfig(max_norm=5.0, **SCREENS_OFF), ATTACK, CLIENTS)
+    runs["fedavg+default/sign-flip"] = _run(StrategyConfig(), ATTACK, CLIENTS)
+    runs["fedavg+default/scale"] = _run(StrategyConfig(), SCALING, CLIENTS)
+    runs["fedavg/scale"] = _run(StrategyConfig(**SCREENS_OFF), SCALING, CLIENTS)
+    runs["fedavg+default/2 clients, 1 scaling"] = _run(StrategyConfig(), SCALING_ONE, 2)
+    runs["fedavg/2 clients, 1 scaling"] = _run(StrategyConfig(**SCREENS_OFF), SCALING_ONE, 2)
+    runs["fedavg+default/dp, 2 clients, 1 scaling"] = _run(StrategyConfig(), SCALING_ONE, 2, DP)
+    no_bound = StrategyConfig(dp_update_bound=False)
+    runs["fedavg+no dp_update_bound/dp, 2 clients, 1 scaling"] = _run(no_bound, SCALING_ONE, 2, DP)
+    runs["fedavg+default/dp, 2 clients, clean"] = _run(StrategyConfig(), AttackConfig(), 2, DP)
     return runs
 
 
 def run() -> dict:
     results = {}
     quiet = RichReporter(Console(quiet=True))
-    for label, (strategy, attack, clients, *dp) in scenarios().items():
+    for label, settings in scenarios().items():
         with tempfile.TemporaryDirectory() as out:
             started = time.perf_counter()
-            config = RunConfig(clients=clients, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS, strategy=strategy, attack=attack,
-                               out=out, dp=dp[0] if dp else DPConfig())
+            config = RunConfig(rounds=ROUNDS, local_epochs=LOCAL_EPOCHS, out=out, **settings)
             try:
                 result = simulate(config, reporter=quiet)
             except RunFailed as failure:  # e.g. every update NaN after an absurd one was averaged in
