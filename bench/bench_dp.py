@@ -1,20 +1,20 @@
-"""DP-SGD cost: step time and peak memory of Opacus DP-SGD versus plain SGD, for the default
-digits MLP (64 → 128 → 128 → 10, 27k parameters) and a ~1M-parameter MLP, per Opacus per-sample
-gradient mode (``hooks``, ``ghost``, ``ew`` = torch ExpandedWeights). Target: DP ≤ 2.5x
+"""DP-SGD cost: step time and peak memory of DP-SGD versus plain SGD, for the default digits MLP
+(64 → 128 → 128 → 10, 27k parameters) and a ~1M-parameter MLP, per per-sample gradient mode:
+``fused`` (fedweights' own step for stacks of Linear layers, fedweights/privacy/fused_dp_sgd.py)
+and Opacus' ``hooks``, ``ghost`` and ``ew`` (torch ExpandedWeights). Target: DP ≤ 2.5x
 non-private with the mode fedweights picks (``auto``).
 
 What a "step" is, the same for plain and DP: one fixed batch of the case's size, ``zero_grad``,
-forward + cross-entropy, backward, ``optimizer.step()`` (SGD, momentum 0.9; under DP Opacus'
-optimizer clips, adds noise, scales and counts the step for its accountant). Extra rows:
+forward + cross-entropy, backward, ``optimizer.step()`` (SGD, momentum 0.9; under DP the
+per-example gradients are clipped, noised and scaled first). Extra rows:
 
-- ``split_ms``: the same step cut into its parts (Opacus' own pre-step calls, in its order);
+- ``split_ms``: the plain and Opacus steps cut into their parts (Opacus' own pre-step calls, in
+  its order);
 - ``epoch_loop`` (default model only): one local epoch of the product's loops on a real digits
   client shard (360 examples): plain ``train_epochs`` over a shuffled ``DataLoader`` as clients
-  train without DP, versus ``_run_epochs`` over Opacus' Poisson ``DPDataLoader``; and one whole
-  client round (``train_private_round``: Opacus set-up, the epoch, the accountant history);
+  train without DP, versus ``_run_epochs`` over Opacus' Poisson ``DPDataLoader`` per DP mode;
+  and one whole client round (``train_private_round``: set-up, the epoch, the history);
 - ``empty_batch_ok``: whether the mode survives an empty batch, which Poisson sampling draws;
-- ``direct_reference``: the same DP-SGD step written directly in torch (never used to train),
-  to show which share of the DP cost is Opacus' per-step bookkeeping rather than arithmetic;
 - ``opacus_no_op_vmap`` / ``opacus_optimizer_only``: Opacus' ``no_op`` mode fed per-sample
   gradients from ``torch.func.vmap``, and Opacus' optimizer step alone given them (the floor of
   any per-sample-gradient method that trains through Opacus).
@@ -40,8 +40,9 @@ CASES = {
     "mlp_1m_b256": {"model": "mlp_1m", "batch": 256, "threads": 1},  # 784·1024 + 1024·10 ≈ 1.07M
 }
 IN_FEATURES = {"default": 64, "mlp_1m": 784}
-MODES = ("plain", "hooks", "ghost", "ew")
+MODES = ("plain", "fused", "hooks", "ghost", "ew")
 DP_MODES = MODES[1:]
+OPACUS_MODES = MODES[2:]  # split into Opacus' own pre-step calls
 
 
 def _model(case: dict):
@@ -67,6 +68,8 @@ class _Step:
         from torch import nn
         from torch.utils.data import DataLoader, TensorDataset
 
+        from fedweights.privacy.fused_dp_sgd import FusedDPSGD
+
         warnings.filterwarnings("ignore")
         self.mode, self.device = mode, torch.device("cuda" if torch.cuda.is_available() else "cpu")
         batch = case["batch"] if batch is None else batch
@@ -75,7 +78,9 @@ class _Step:
         self.y = torch.randint(0, 10, (batch,), device=self.device)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.criterion, self.model = nn.CrossEntropyLoss(), model
-        if mode != "plain":
+        if mode == "fused":
+            self.fused = FusedDPSGD(model, self.optimizer, 1.0, 1.0, batch or 1, torch.Generator(device=self.device))
+        elif mode != "plain":
             loader = DataLoader(TensorDataset(torch.zeros(case["batch"], 1)), batch_size=case["batch"])
             private = PrivacyEngine().make_private(
                 module=model, optimizer=self.optimizer, criterion=self.criterion, data_loader=loader,
@@ -91,9 +96,12 @@ class _Step:
             torch.cuda.synchronize()
 
     def run(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.criterion(self.model(self.x), self.y).backward()
-        self.optimizer.step()
+        if self.mode == "fused":
+            self.fused.step(self.x, self.y)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.criterion(self.model(self.x), self.y).backward()
+            self.optimizer.step()
         self._sync()
 
     def split(self) -> dict[str, float]:
@@ -133,40 +141,6 @@ def _empty_batch_ok(case: dict, mode: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means the mode cannot train with Poisson sampling
         return False
-
-
-def _direct_dp_step(case: dict):
-    """Reference only (fedweights never trains with it): the same DP-SGD step written directly in
-    torch for a stack of Linear/ReLU layers, to show how much of DP's cost is Opacus' per-step
-    bookkeeping rather than arithmetic. Per-example norms by the ghost identity
-    ||g aᵀ||² + ||g||² = ||g||²(||a||² + 1), flat clipping, N(0, (σC)²) noise on the sum, / batch."""
-    import torch
-    from torch import nn
-
-    model = _model(case)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(case["batch"], IN_FEATURES[case["model"]])
-    y = torch.randint(0, 10, (case["batch"],))
-    sigma, clip = 1.0, 1.0
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        inputs, outputs, h = [], [], x
-        for i, layer in enumerate(linears):
-            inputs.append(h)
-            outputs.append(layer(h))
-            h = outputs[-1].relu() if i < len(linears) - 1 else outputs[-1]
-        grads = torch.autograd.grad(nn.functional.cross_entropy(h, y, reduction="sum"), outputs)
-        norms = sum(g.pow(2).sum(1) * (a.pow(2).sum(1) + 1) for g, a in zip(grads, inputs)).sqrt()
-        factor = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
-        for layer, g, a in zip(linears, grads, inputs):
-            g = g * factor
-            layer.weight.grad = (g.t() @ a + sigma * clip * torch.randn_like(layer.weight)) / len(y)
-            layer.bias.grad = (g.sum(0) + sigma * clip * torch.randn_like(layer.bias)) / len(y)
-        optimizer.step()
-
-    return step
 
 
 def _opacus_no_op_steps(case: dict):
@@ -222,15 +196,15 @@ def _time_modes(case: dict, repeats: int, queue) -> None:
     steppers = {mode: _Step(case, mode) for mode in MODES}
     no_op_vmap, optimizer_only = _opacus_no_op_steps(case)
     steps = {mode: s.run for mode, s in steppers.items()} | {
-        "direct_reference": _direct_dp_step(case), "opacus_no_op_vmap": no_op_vmap, "opacus_optimizer_only": optimizer_only}
+        "opacus_no_op_vmap": no_op_vmap, "opacus_optimizer_only": optimizer_only}
     for fn in steps.values():
         fn()  # warm-up
     best: dict[str, float] = {}
-    splits: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    splits: dict[str, list[dict[str, float]]] = {mode: [] for mode in ("plain", *OPACUS_MODES)}
     for _ in range(repeats):
         for name, fn in steps.items():
             best[name] = min(best.get(name, float("inf")), _median_ms(fn))
-            if name in steppers:
+            if name in splits:
                 splits[name] += [steppers[name].split() for _ in range(5 if case["batch"] <= 64 else 1)]
     split_ms = {m: {k: round(1000 * statistics.median(s[k] for s in rows), 3) for k in rows[0]}
                 for m, rows in splits.items()}
@@ -247,13 +221,11 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
     import warnings
 
     import torch
-    from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
-    from torch import nn
     from torch.utils.data import DataLoader
 
     from fedweights.config import RunConfig
-    from fedweights.privacy.dp_sgd import RoundPlan, _run_epochs, make_plan_loader, train_private_round
+    from fedweights.privacy.dp_sgd import RoundPlan, _run_epochs, make_dp_step, make_plan_loader, train_private_round
     from fedweights.task import builtin_task
     from fedweights.training import make_optimizer, train_epochs
 
@@ -273,15 +245,9 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
 
     def dp_epoch_fn(mode: str):
         model = _model(case)
-        private = PrivacyEngine().make_private(
-            module=model, optimizer=make_optimizer(model, config.lr, config.momentum), criterion=nn.CrossEntropyLoss(),
-            data_loader=make_plan_loader(shard, config.batch_size), noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=True, clipping="flat", grad_sample_mode=mode)
-        if mode == "ghost":  # four objects: the DP loss wrapper does both backward passes
-            dp_model, dp_optimizer, criterion, loader = private
-        else:
-            (dp_model, dp_optimizer, loader), criterion = private, nn.CrossEntropyLoss()
-        return lambda: _run_epochs(dp_model, loader, dp_optimizer, criterion, 1, cpu)
+        step, loader = make_dp_step(model, make_optimizer(model, config.lr, config.momentum),
+                                    make_plan_loader(shard, config.batch_size), plan, mode, torch.Generator())
+        return lambda: _run_epochs(step, loader, 1, cpu)
 
     def drain(loader):
         return lambda: sum(1 for _ in loader)
@@ -292,10 +258,11 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
     def dp_round(mode: str):
         return lambda: train_private_round(_model(case), shard, plan, [], cpu, config.lr, config.momentum, mode)
 
-    epochs = {"plain": plain_epoch_fn(), "hooks": dp_epoch_fn("hooks"), "ghost": dp_epoch_fn("ghost")}
+    dp_modes = ("fused", "hooks", "ghost")
+    epochs = {"plain": plain_epoch_fn()} | {m: dp_epoch_fn(m) for m in dp_modes}
     loaders = {"plain": drain(DataLoader(shard, batch_size=config.batch_size, shuffle=True)),
                "poisson": drain(DPDataLoader.from_data_loader(make_plan_loader(shard, config.batch_size)))}
-    rounds = {"plain": plain_round, "hooks": dp_round("hooks"), "ghost": dp_round("ghost")}
+    rounds = {"plain": plain_round} | {m: dp_round(m) for m in dp_modes}
     best: dict[str, dict[str, float]] = {"epoch": {}, "loader": {}, "round": {}}
     for _ in range(repeats):
         for kind, fns in (("epoch", epochs), ("loader", loaders), ("round", rounds)):  # interleaved
@@ -305,10 +272,10 @@ def _time_product_loops(case: dict, repeats: int, queue) -> None:
     queue.put({
         "examples": len(shard), "steps_per_epoch": n_steps,
         "epoch_step_ms": per_step,
-        "epoch_time_ratio": {m: round(best["epoch"][m] / best["epoch"]["plain"], 2) for m in ("hooks", "ghost")},
+        "epoch_time_ratio": {m: round(best["epoch"][m] / best["epoch"]["plain"], 2) for m in dp_modes},
         "loader_only_ms_per_batch": {k: round(t / n_steps, 3) for k, t in best["loader"].items()},
         "round_ms": {m: round(t, 1) for m, t in best["round"].items()},
-        "round_time_ratio": {m: round(best["round"][m] / best["round"]["plain"], 2) for m in ("hooks", "ghost")},
+        "round_time_ratio": {m: round(best["round"][m] / best["round"]["plain"], 2) for m in dp_modes},
     })
 
 
@@ -347,7 +314,6 @@ def run(repeats: int = 9) -> dict:
     for name, case in CASES.items():
         timed = _in_fresh_process(_time_modes, case, repeats)
         times = {m: timed["step_ms"][m] for m in MODES}
-        direct = timed["step_ms"]["direct_reference"]
         auto = choose_grad_sample_mode(_model(case))
         usable = [m for m in DP_MODES if timed["empty_batch_ok"][m]]
         row = {
@@ -361,8 +327,6 @@ def run(repeats: int = 9) -> dict:
             "fastest_usable_time_ratio": round(min(times[m] for m in usable) / times["plain"], 2),
             "empty_batch_ok": timed["empty_batch_ok"],
             "split_ms": timed["split_ms"],
-            # not a mode fedweights uses: the same DP-SGD math without Opacus, for scale
-            "direct_reference": {"step_ms": direct, "time_ratio": round(direct / times["plain"], 2)},
             # Opacus' no_op mode fed torch.func per-sample gradients, and its optimizer step alone
             **{name: {"step_ms": timed["step_ms"][name], "time_ratio": round(timed["step_ms"][name] / times["plain"], 2)}
                for name in ("opacus_no_op_vmap", "opacus_optimizer_only")},

@@ -42,7 +42,7 @@ class DPConfig:
     delta: float | None = None
     accountant: Literal["pld", "rdp"] = "pld"
     max_epsilon: float | None = None
-    grad_sample_mode: Literal["auto", "ghost", "hooks"] = "auto"
+    grad_sample_mode: Literal["auto", "fused", "ghost", "hooks"] = "auto"
 
     def validate(self) -> None:
         """Check the ranges of the DP settings."""

@@ -59,15 +59,15 @@ def update_norm(before: nn.Module, after: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("model_fn", [mlp, cnn], ids=["mlp", "cnn"])
-def test_clipping_bounds_the_update_in_ghost_and_hooks_mode(model_fn):
+def test_clipping_bounds_the_update_in_every_mode(model_fn):
     """One step over all 64 examples (q = 1), lr 1, almost no noise: the update is the mean of
     clipped per-example gradients, so its norm is at most C, while the unclipped one is far larger."""
     data, clip = loud_data(), 0.5
     plan = RoundPlan(noise_multiplier=1e-6, sample_rate=1.0, steps=1, max_grad_norm=clip, batch_size=64, local_epochs=1,
                      n_examples=64)
-    modes = {"mlp": "ghost", "cnn": "hooks"}
+    modes = {"mlp": "fused", "cnn": "hooks"}
     assert choose_grad_sample_mode(model_fn()) == modes[model_fn.__name__]
-    for mode in ("ghost", "hooks"):
+    for mode in ("fused", "ghost", "hooks") if model_fn is mlp else ("ghost", "hooks"):
         result = train_private_round(model_fn(), data, plan, [], CPU, lr=1.0, momentum=0.0, grad_sample_mode=mode)
         assert result.grad_sample_mode == mode
         assert not any(k.startswith("_module.") for k in result.state_dict)

@@ -74,6 +74,9 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
         from ..privacy.plan import check_dp_run
 
         check_dp_run(config, [len(shard.train) for shard in shards])
+        from ..privacy.dp_sgd import choose_grad_sample_mode
+
+        choose_grad_sample_mode(runtime.task().model_fn(), config.dp.grad_sample_mode)  # 'fused' on a model it cannot train
     reporter = reporter or RichReporter()
     if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
         announce_archive(reporter, archive_previous_run(out, keep=own_keys(config, out)))  # --he-key RUN/keys/…: kept

@@ -16,7 +16,7 @@ Line schema (``v`` = 1)::
      "epsilon": 2.95,                   # ε so far, recomputed by the coordinator from history
      "client_epsilon": 2.95,            # what the client itself reported
      "delta": 1e-06, "accountant": "pld", "max_grad_norm": 1.0, "batch_size": 16,
-     "local_epochs": 1, "n_examples": 359, "grad_sample_mode": "ghost", "budget": 8.0 | null,
+     "local_epochs": 1, "n_examples": 359, "grad_sample_mode": "fused", "budget": 8.0 | null,
      "reason": "...",                   # exhausted/unaccounted only
      "warning": "...",                  # only when two nodes sent one client id in the round
      "over_budget": true}               # only when ε is over the budget although the client trained:
