@@ -161,6 +161,6 @@ def test_a_reply_claiming_an_enormous_example_count_is_judged_at_once_by_the_sma
 
 def test_an_absurd_sigma_or_example_count_under_a_target_is_judged_at_once():
     bound = DPUpdateBound.of_run(RunConfig(dp=DPConfig(enabled=True, target_epsilon=4.0), rounds=5))
-    huge = dp_reply(2, 0.1, sigma=2.0, n_examples=10**15)  # q = 1.6e-14: PLD would take minutes
+    huge = dp_reply(2, 0.1, sigma=2.0, n_examples=10**15)  # q = 1.6e-14: below any accountable sample rate
     accepted, rejected = screened(bound, dp_reply(1, 0.1, sigma=1e9), huge)
     assert accepted == [] and "states σ 1e+09" in rejected[1] and "states σ 2," in rejected[2]

@@ -18,7 +18,7 @@ from fedweights.flower.runtime import NODE_DATA, NODE_NAME, Runtime
 from fedweights.privacy.accounting import epsilon
 from fedweights.privacy.ledger import Ledger
 from fedweights.privacy.plan import client_delta, round_plan
-from fedweights.privacy.protocol import IDENTIFY, LEDGER_ACCOUNT
+from fedweights.privacy.protocol import IDENTIFY, LEDGER_ACCOUNT, PRIVACY
 from fedweights.progress import RichReporter
 from fedweights.task import builtin_task
 
@@ -135,3 +135,41 @@ def test_a_client_takes_only_its_own_account_from_a_train_message():
     assert ledger_history(content, "0") == [(1.0, 0.02, 45)]
     assert ledger_history(content, "1") == []  # another client's account is never applied
     assert ledger_history(RecordDict({}), "0") == []
+
+
+class LyingGrid(LocalGrid):
+    """Node 2 replaces the DP history in its train replies by ``claim`` (a broken or hostile client)."""
+
+    def __init__(self, runtime, node_configs, claim) -> None:
+        super().__init__(runtime, node_configs)
+        self.claim = claim
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id == 2 and not reply.has_error() and PRIVACY in reply.content:
+                reply.content[PRIVACY]["history"] = json.dumps(self.claim)
+        return replies
+
+
+@pytest.mark.parametrize(
+    ("claim", "fragment"),
+    [
+        ([[1e300, 0.05, 23]], "noise multiplier must be > 0 and at most 1000"),
+        ([[1.0, 1e-18, 10**19]], "sample rate must be in [1e-12, 1]"),  # crashed dp-accounting (overflow)
+        ([[1.0, 0.05, 10**12]], "steps must be an integer from 0 to 1e+08"),  # PLD: minutes, and ε inflated
+        ([[1.0, 0.05 + i * 1e-6, 1] for i in range(101)], "more than 100 distinct"),
+    ],
+    ids=["sigma", "tiny-rate", "steps", "entries"],
+)
+def test_a_client_claiming_an_impossible_dp_history_is_unaccounted_and_the_run_goes_on(tmp_path, claim, fragment):
+    """Before, the coordinator's ledger raised on such a claim (or stalled on it) and the run ended."""
+    config = RunConfig(clients=3, rounds=2, seed=5, out=str(tmp_path / "run"), dp=DPConfig(enabled=True, noise_multiplier=1.0))
+    run_federation(LyingGrid(Runtime(config), node_configs(3), claim), Runtime(config), reporter=RichReporter())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and len(metrics["rounds"]) == 2
+    ledger = Ledger(config.out).read()
+    lying = [e for e in ledger if e["node"] == "2"]
+    assert [e["status"] for e in lying] == ["unaccounted", "unaccounted"]
+    assert all(fragment in e["reason"] and e["epsilon"] == "inf" for e in lying)
+    assert sorted(e["client"] for e in ledger if e["status"] == "trained") == ["0", "0", "2", "2"]

@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Literal
 
 import dp_accounting
+from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import optimize
@@ -44,6 +45,13 @@ PLD_EPSILON_CEILING = 50.0
 """Above this RDP ε (no meaningful protection: tiny σ, or a huge number of steps) ``pld`` reports the
 RDP bound instead: never lower than the truth, while PLD there takes minutes and gigabytes."""
 MAX_NOISE_MULTIPLIER = 1_000.0  # calibration gives up above this (the target is then unreachable)
+# Beyond these, a history is refused rather than accounted: no run comes near them (10^8 steps is
+# 100 epochs of 10^7 examples at batch 16), PLD's pessimistic rounding then inflates ε by orders of
+# magnitude (σ 30, q 0.01, 10^8 steps: 831, where RDP proves < 50) and takes seconds per entry,
+# and below q = 1e-12 dp-accounting's floating point no longer sees the mechanism (ε 0).
+MAX_STEPS = 10**8
+MIN_SAMPLE_RATE = 1e-12
+MAX_HISTORY_ENTRIES = 100  # distinct (σ, q) settings; a run has one per σ or shard-size change
 DEFAULT_MAX_DELTA = 1e-5
 # Equivalent compositions (one entry of 400 steps, or 300 + 100) differ in the last digits of
 # floating point; reported ε is raised by this relative margin so it is never below any of them.
@@ -65,13 +73,19 @@ def default_delta(num_examples: int) -> float:
 
 
 def merge_history(history: Iterable[Sequence[float]]) -> list[Entry]:
-    """Sum the steps of entries with equal (σ, q), keeping first-seen order; drop zero-step entries."""
+    """Sum the steps of entries with equal (σ, q), keeping first-seen order; drop zero-step entries.
+    Raises UserError for an entry out of range (:func:`check_entry`), a merged entry over
+    ``MAX_STEPS``, or more than ``MAX_HISTORY_ENTRIES`` distinct (σ, q)."""
     merged: dict[tuple[float, float], int] = {}
     for sigma, rate, steps in history:
         check_entry(sigma, rate, steps)
         if int(steps) > 0:
             key = (float(sigma), float(rate))
             merged[key] = merged.get(key, 0) + int(steps)
+            check_entry(*key, merged[key])
+            if len(merged) > MAX_HISTORY_ENTRIES:
+                raise UserError(f"a history with more than {MAX_HISTORY_ENTRIES} distinct (noise multiplier, sample "
+                                "rate) settings; fedweights accounts at most that many")
     return [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
 
 
@@ -79,10 +93,11 @@ def check_entry(noise_multiplier: float, sample_rate: float, steps: float) -> No
     """Raise UserError unless σ > 0, 0 < q ≤ 1 and steps is a non-negative integer."""
     if not 0 < noise_multiplier <= MAX_NOISE_MULTIPLIER:
         raise UserError(f"noise multiplier must be > 0 and at most {MAX_NOISE_MULTIPLIER:g}, got {noise_multiplier}")
-    if not 0 < sample_rate <= 1:
-        raise UserError(f"sample rate must be in (0, 1], got {sample_rate}")
-    if steps < 0 or int(steps) != steps:
-        raise UserError(f"steps must be a non-negative integer, got {steps}")
+    if not MIN_SAMPLE_RATE <= sample_rate <= 1:
+        raise UserError(f"sample rate must be in [{MIN_SAMPLE_RATE:g}, 1], got {sample_rate}")
+    if not 0 <= steps <= MAX_STEPS or int(steps) != steps:
+        raise UserError(f"steps must be an integer from 0 to {MAX_STEPS:.0e} per (noise multiplier, sample rate), "
+                        f"got {steps}; for longer runs raise the batch size or lower rounds / local epochs")
 
 
 def check_delta(delta: float) -> None:
@@ -206,11 +221,36 @@ def _rdp_epsilon(entries: Sequence[Entry], delta: float) -> float:
 
 
 def _pld_epsilon(entries: Sequence[Entry], delta: float, discretization: float = PLD_DISCRETIZATION) -> float:
-    composed = None
+    # Composed onto the identity PLD, as PLDAccountant does: each composition adds its truncated
+    # tail mass (1e-15) to the infinite loss, which moves ε at small δ (q = 1.6e-6, 1e5 steps,
+    # δ = 1e-12: 0.020797 without it, PLDAccountant's 0.020812 with it).
+    composed = pld_lib.identity(value_discretization_interval=discretization)
     for sigma, rate, steps in entries:
-        part = _subsampled_gaussian_pld(sigma, rate, discretization).self_compose(steps)
-        composed = part if composed is None else composed.compose(part)
+        composed = composed.compose(_self_compose(_subsampled_gaussian_pld(sigma, rate, discretization), steps))
     return float(composed.get_epsilon_for_delta(delta))
+
+
+def _self_compose(pld: pld_lib.PrivacyLossDistribution, steps: int) -> pld_lib.PrivacyLossDistribution:
+    """``pld.self_compose(steps)``, the same result, without dp-accounting's slow size check.
+
+    At sample rates below ~1e-5 one step's PLD is sparse, and dp-accounting (0.6) decides between
+    sparse and dense composition by computing ``size ** steps`` as an exact integer: a number with
+    millions of digits for millions of steps (q = 1.6e-6, 6.25e6 steps: 26 s; 1e8 steps: minutes),
+    which any client, or any claimed history the coordinator checks, can trigger. The same
+    decision made with logarithms hands dp-accounting the dense PMF it would convert to anyway.
+    """
+    def as_composed(pmf: pld_pmf.PLDPmf) -> pld_pmf.PLDPmf:
+        limit = pld_pmf._MAX_PMF_SPARSE_SIZE  # pylint: disable=protected-access
+        if not isinstance(pmf, pld_pmf.SparsePLDPmf) or steps <= 1 or pmf.size <= 1:
+            return pmf
+        if steps * math.log(pmf.size) < math.log(limit) + 1 and pmf.size**steps <= limit:
+            return pmf  # small: dp-accounting composes it sparsely, exactly
+        return pmf.to_dense_pmf()
+
+    # pylint: disable=protected-access
+    remove = as_composed(pld._pmf_remove)
+    add = None if pld._symmetric else as_composed(pld._pmf_add)
+    return pld_lib.PrivacyLossDistribution(remove, add).self_compose(steps)
 
 
 @lru_cache(maxsize=128)

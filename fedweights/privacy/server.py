@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..config import DPConfig
+from ..errors import UserError
 from ..flower.round_loop import RoundHooks, StopRun
 from ..flower.runtime import Runtime
 from ..run_dir import RoundRecord, RunDir
@@ -145,7 +146,11 @@ class PrivacyHooks(RoundHooks):
             }
         try:
             spend = ClientSpend.from_record(reply.content[PRIVACY])
-        except (KeyError, ValueError, TypeError) as exc:
+            previous = self.histories.get(spend.client_id, [])
+            this_round = (spend.noise_multiplier, spend.sample_rate, spend.steps)
+            history = covering_history(spend.history, [*previous, this_round])
+            spent = epsilon(history, spend.delta, self.config.dp.accountant)
+        except (KeyError, ValueError, TypeError, UserError) as exc:  # one bad reply never ends the run
             client = self.client_of_node.get(node, f"node-{node}")
             return {
                 "round": server_round,
@@ -157,9 +162,6 @@ class PrivacyHooks(RoundHooks):
                 "reason": f"the reply carried no valid DP accounting ({type(exc).__name__}: {exc}); "
                 "treat this client's records as unprotected",
             }
-        previous = self.histories.get(spend.client_id, [])
-        this_round = (spend.noise_multiplier, spend.sample_rate, spend.steps)
-        history = covering_history(spend.history, [*previous, this_round])
         return {
             "round": server_round,
             "client": spend.client_id,
@@ -169,7 +171,7 @@ class PrivacyHooks(RoundHooks):
             "sample_rate": spend.sample_rate,
             "steps": spend.steps,
             "history": [list(e) for e in history],
-            "epsilon": epsilon(history, spend.delta, self.config.dp.accountant),
+            "epsilon": spent,
             "client_epsilon": spend.epsilon,
             "delta": spend.delta,
             "accountant": self.config.dp.accountant,

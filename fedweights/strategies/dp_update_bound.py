@@ -102,7 +102,7 @@ class DPUpdateBound:
         calibration spends the target (within 1 %). A client claiming more noise than it added
         would otherwise widen the bound it is judged by. ε here is RDP's: never below the PLD value
         clients calibrate with, so an honest σ always passes, and instant for any step count a
-        reply implies (PLD can take minutes for a sample rate near 1e-6)."""
+        reply implies (PLD takes seconds for some 10^8-step histories)."""
         target = self.config.dp.target_epsilon
         if target is None:
             return None
@@ -113,8 +113,8 @@ class DPUpdateBound:
         planned = [(sigma, plan.sample_rate, plan.steps * rounds)]
         try:
             spent = epsilon(planned, client_delta(n_examples, self.config.dp), "rdp")
-        except UserError:  # e.g. σ above the largest calibration ever returns
-            spent = 0.0
+        except UserError as exc:  # σ above any calibration, or a run no accounting covers
+            return f"its privacy spend states σ {sigma:g}, with {n_examples} examples a run fedweights cannot account ({exc})"
         if spent >= TARGET_SHARE * target:
             return None
         return (
