@@ -174,6 +174,11 @@ def test_privacy_plan_cli_uses_the_run_accounting(cli):
         (["simulate", "--dp", "--delta", "1.5"], "'dp.delta' must be in (0, 1)"),
         (["simulate", "--dp", "--target-epsilon", "0.0001"], "'dp.target_epsilon' of 0.0001 is unreachable"),
         (["simulate", "--dp", "--noise-multiplier", "1", "--max-epsilon", "0.01"], "below what one round costs"),
+        (["privacy", "plan", "-q", "1e-13", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"],
+         "sample rate must be in [1e-12, 1]"),
+        (["privacy", "plan", "-q", "0.01", "--noise-multiplier", "1", "--steps", "1000000000", "--delta", "1e-5"],
+         "steps must be an integer from 0 to 1e+08"),
+        (["simulate", "--dp", "--rounds", "100000", "--local-epochs", "100"], "more than the 1e+08 fedweights accounts"),
     ],
 )
 def test_bad_dp_input_fails_before_training(cli, args, fragment, tmp_path):

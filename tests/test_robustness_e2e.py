@@ -89,4 +89,5 @@ def test_a_dp_run_of_two_sites_rejects_an_update_no_dp_sgd_client_can_send(tmp_p
         (failure,) = record["failures"]
         assert "the furthest DP-SGD moves the model in one round" in failure["reason"]
         assert record["num_clients"] == 1
-    assert metrics["rounds"][-1]["eval_accuracy"] > 0.3
+    # one DP client, 2 rounds: 0.29-0.51 over 21 runs (noise is never seeded); a spoiled model reads ~0.10
+    assert metrics["rounds"][-1]["eval_accuracy"] > 0.2

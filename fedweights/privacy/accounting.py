@@ -90,7 +90,8 @@ def merge_history(history: Iterable[Sequence[float]]) -> list[Entry]:
 
 
 def check_entry(noise_multiplier: float, sample_rate: float, steps: float) -> None:
-    """Raise UserError unless σ > 0, 0 < q ≤ 1 and steps is a non-negative integer."""
+    """Raise UserError unless 0 < σ ≤ ``MAX_NOISE_MULTIPLIER``, ``MIN_SAMPLE_RATE`` ≤ q ≤ 1 and
+    steps is an integer from 0 to ``MAX_STEPS``."""
     if not 0 < noise_multiplier <= MAX_NOISE_MULTIPLIER:
         raise UserError(f"noise multiplier must be > 0 and at most {MAX_NOISE_MULTIPLIER:g}, got {noise_multiplier}")
     if not MIN_SAMPLE_RATE <= sample_rate <= 1:

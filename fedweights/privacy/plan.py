@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from ..config import DPConfig, RunConfig
 from ..errors import ConfigError, UserError
-from .accounting import MAX_NOISE_MULTIPLIER, calibrate_noise, default_delta, epsilon
+from .accounting import MAX_NOISE_MULTIPLIER, MAX_STEPS, calibrate_noise, default_delta, epsilon
 from .dp_sgd import RoundPlan
 
 DEFAULT_NOISE_MULTIPLIER = 1.0  # used when neither noise_multiplier nor target_epsilon is given
@@ -71,6 +71,11 @@ def check_dp_run(config: RunConfig, client_sizes: Sequence[int]) -> None:
         batches = batches_per_epoch(n, config.batch_size)
         steps = batches * config.local_epochs
         delta = client_delta(n, dp)
+        if steps * config.rounds > MAX_STEPS:
+            raise UserError(
+                f"a client with {n} examples would take {steps * config.rounds:.3g} DP-SGD steps over the run, more "
+                f"than the {MAX_STEPS:.0e} fedweights accounts; raise batch_size or lower rounds / local_epochs"
+            )
         if dp.target_epsilon is not None:
             total = steps * config.rounds
             if epsilon([(MAX_NOISE_MULTIPLIER, 1.0 / batches, total)], delta, dp.accountant) > dp.target_epsilon:
