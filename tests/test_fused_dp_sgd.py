@@ -154,11 +154,14 @@ def test_inputs_that_are_not_rows_of_features_are_refused():
         step(torch.randn(4, 3, 8), torch.randint(0, 10, (4,)))
 
 
-def test_simulate_refuses_fused_mode_for_a_model_it_cannot_train(tmp_path):
+def test_simulate_and_server_refuse_fused_mode_for_a_model_it_cannot_train(tmp_path):
+    from fedweights.deploy.server import ServerSecurity, run_server
     from fedweights.flower.simulation import simulate
 
     config = RunConfig(clients=2, rounds=1, model="cnn", out=str(tmp_path / "run"),
                        dp=DPConfig(enabled=True, noise_multiplier=1.0, grad_sample_mode="fused"))
     with pytest.raises(UserError, match="grad_sample_mode 'fused'"):
         simulate(config)
+    with pytest.raises(UserError, match="grad_sample_mode 'fused'"):
+        run_server(config, "127.0.0.1:1", ServerSecurity(insecure=True))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # refused before any file
