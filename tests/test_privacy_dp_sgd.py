@@ -79,6 +79,18 @@ def test_clipping_bounds_the_update_in_every_mode(model_fn):
     assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in plain.parameters())) > 20 * clip
 
 
+@pytest.mark.parametrize("mode", ["fused", "ghost", "hooks"])
+def test_batch_size_one_trains_finite_weights_for_every_shard_size(mode):
+    """49 examples at batch 1: q = 1/49 and 49·(1/49) = 0.999… in floats, so Opacus' divisor
+    int(n·q) was 0 and every mode trained the model to inf."""
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(49, 64, generator=generator), torch.randint(0, 10, (49,), generator=generator))
+    plan = RoundPlan(1.0, 1 / 49, 49, 1.0, 1, 1, 49)
+    assert plan.expected_batch_size == 1
+    result = train_private_round(mlp(), data, plan, [], CPU, lr=0.1, momentum=0.0, grad_sample_mode=mode)
+    assert all(torch.isfinite(v).all() for v in result.state_dict.values())
+
+
 def test_fedprox_proximal_step_runs_after_each_dp_step():
     """lr·mu = 1 pulls the weights all the way back to the global model after every step."""
     plan = RoundPlan(1.0, 0.25, 4, 1.0, 16, 1, 64)

@@ -75,6 +75,14 @@ class RoundPlan:
         """This round's (σ, q, steps) history entry."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
+    @property
+    def expected_batch_size(self) -> int:
+        """The divisor of each step's noisy gradient sum: Opacus' int(n·q) (``make_private``), with
+        the floor taken up to float error. Opacus' own is 0 where n·q is 1 in exact arithmetic but
+        0.999… in floats (batch 1, n = 49, 98, 103, …: 216 sizes below 2,000), and every mode then
+        divided by zero and trained the model to inf."""
+        return max(1, int(self.n_examples * self.sample_rate + 1e-9))
+
 
 @dataclass
 class PrivateRound:
@@ -179,8 +187,9 @@ def train_private_round(
         torch.manual_seed(secrets.randbits(63))  # the Poisson sampler draws from the global generator
         noise_generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         step, dp_loader = make_dp_step(model, optimizer, loader, plan, mode, noise_generator)
-        if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:  # the plan and Opacus must agree
-            raise RuntimeError(f"Opacus samples at q={dp_loader.sample_rate}, planned {plan.sample_rate}")
+        if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12 or plan.n_examples != len(data):  # must agree
+            raise RuntimeError(f"Opacus samples {len(data)} examples at q={dp_loader.sample_rate}, planned "
+                               f"{plan.n_examples} at {plan.sample_rate}")
         proximal = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
         loss, taken = _run_epochs(step, dp_loader, plan.local_epochs, device, proximal)
     trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -197,10 +206,9 @@ def make_dp_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
     step on a batch and returning its mean loss, and the Poisson loader drawing the batches from
     ``loader``'s data (through the global torch generator)."""
     if mode == "fused":
-        dp_loader = DPDataLoader.from_data_loader(loader)
-        expected_batch = int(len(loader.dataset) * dp_loader.sample_rate)  # Opacus' divisor (make_private)
-        fused = FusedDPSGD(model, optimizer, plan.noise_multiplier, plan.max_grad_norm, expected_batch, noise_generator)
-        return fused.step, dp_loader
+        fused = FusedDPSGD(model, optimizer, plan.noise_multiplier, plan.max_grad_norm, plan.expected_batch_size,
+                           noise_generator)
+        return fused.step, DPDataLoader.from_data_loader(loader)
     private = PrivacyEngine(accountant="rdp").make_private(  # ε comes from accounting.py, not this accountant
         module=model,
         optimizer=optimizer,
@@ -217,6 +225,7 @@ def make_dp_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
         dp_model, dp_optimizer, criterion, dp_loader = private
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = private, nn.CrossEntropyLoss()
+    dp_optimizer.expected_batch_size = plan.expected_batch_size  # never Opacus' 0 (see RoundPlan)
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dp_optimizer.zero_grad(set_to_none=True)

@@ -57,7 +57,7 @@ class DPUpdateBound:
         """The bound on one round's update norm for a client with ``n_examples`` examples training
         ``size`` weights at noise multiplier ``noise_multiplier``."""
         plan = self._plan(n_examples, noise_multiplier)
-        expected_batch = max(1, int(n_examples * plan.sample_rate))  # as Opacus divides the noisy sum
+        expected_batch = plan.expected_batch_size  # as the client divides the noisy sum
         largest_weight, sum_of_squares = momentum_weights(self.config.momentum, plan.steps)
         drawn = float(n_examples * plan.local_epochs)
         drawn_max = drawn + TAIL * math.sqrt(drawn) + TAIL
