@@ -29,13 +29,20 @@ def batch(n: int, features: int = 64, loud: int = 4) -> tuple[torch.Tensor, torc
     return x, torch.randint(0, 10, (n,), generator=generator)
 
 
-def opacus_grads(model: nn.Module, x, y, clip: float, dataset_size: int, batch_size: int) -> list[torch.Tensor]:
-    """The gradients Opacus' DPOptimizer sets (hooks mode, no noise) for one step on (x, y)."""
+def opacus_noiseless(model: nn.Module, clip: float, dataset_size: int, batch_size: int, lr: float = 0.0,
+                     momentum: float = 0.0):
+    """Opacus' DP model and optimizer (hooks mode, no noise); its divisor is int(dataset_size·q)."""
     loader = DataLoader(TensorDataset(torch.zeros(dataset_size, 1)), batch_size=batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     dp_model, dp_optimizer, _ = PrivacyEngine().make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip,
         poisson_sampling=True, grad_sample_mode="hooks")
+    return dp_model, dp_optimizer
+
+
+def opacus_grads(model: nn.Module, x, y, clip: float, dataset_size: int, batch_size: int) -> list[torch.Tensor]:
+    """The gradients Opacus' DPOptimizer sets (hooks mode, no noise) for one step on (x, y)."""
+    dp_model, dp_optimizer = opacus_noiseless(model, clip, dataset_size, batch_size)
     dp_optimizer.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(dp_model(x), y).backward()
     dp_optimizer.step()
@@ -102,10 +109,7 @@ def test_steps_with_momentum_land_where_opacus_steps_land():
     ours, theirs = models()["default_mlp"], models()["default_mlp"]
     optimizer = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
     step = FusedDPSGD(ours, optimizer, 0.0, 0.7, 16, torch.Generator()).step
-    loader = DataLoader(TensorDataset(torch.zeros(256, 1)), batch_size=16)  # divisor int(256/16) = 16
-    dp_model, dp_optimizer, _ = PrivacyEngine().make_private(
-        module=theirs, optimizer=torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=0.7, grad_sample_mode="hooks")
+    dp_model, dp_optimizer = opacus_noiseless(theirs, 0.7, 256, 16, lr=0.1, momentum=0.9)  # divisor int(256/16) = 16
     for _ in range(3):
         dp_optimizer.zero_grad(set_to_none=True)
         expected_loss = nn.functional.cross_entropy(dp_model(x), y)

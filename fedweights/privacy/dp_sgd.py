@@ -142,12 +142,13 @@ def choose_grad_sample_mode(model: nn.Module, requested: str = "auto") -> str:
     Opacus' ``ew`` (torch ExpandedWeights) is never chosen: it raises on an empty batch, which
     Poisson sampling draws (bench/bench_dp.py measures every mode).
     """
-    if requested == "fused" and fused_layers(model) is None:
+    fusable = fused_layers(model) is not None
+    if requested == "fused" and not fusable:
         raise UserError("grad_sample_mode 'fused' trains only nn.Sequential stacks of nn.Linear layers and "
                         "parameter-free activations; use 'auto', 'ghost' or 'hooks' for this model")
     if requested in ("fused", "ghost", "hooks"):
         return requested
-    if fused_layers(model) is not None:
+    if fusable:
         return "fused"
     return "ghost" if ghost_param_share(model) >= GHOST_MIN_PARAM_SHARE else "hooks"
 

@@ -61,6 +61,7 @@ class FusedDPSGD:
         self.layers, self.optimizer, self.generator = layers, optimizer, generator
         self.linears = [layer for layer in layers if isinstance(layer, nn.Linear)]
         self.params = [p for layer in self.linears for p in (layer.weight, layer.bias) if p is not None]
+        self.sizes = [p.numel() for p in self.params]  # one noise draw per step, split per parameter
         self.noise_std, self.max_grad_norm = noise_multiplier * max_grad_norm, max_grad_norm
         self.expected_batch_size = expected_batch_size
 
@@ -84,7 +85,7 @@ class FusedDPSGD:
             for layer, g, a in zip(self.linears, grads, captured_inputs):
                 squared += g.pow(2).sum(1) * (a.pow(2).sum(1) + (1.0 if layer.bias is not None else 0.0))
             factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0).unsqueeze(1)
-            noise = torch.normal(0.0, self.noise_std, (sum(p.numel() for p in self.params),),
+            noise = torch.normal(0.0, self.noise_std, (sum(self.sizes),),
                                  generator=self.generator, device=grads[0].device, dtype=grads[0].dtype)
             clipped = []
             for layer, g, a in zip(self.linears, grads, captured_inputs):
@@ -92,9 +93,7 @@ class FusedDPSGD:
                 clipped.append(g.t() @ a)
                 if layer.bias is not None:
                     clipped.append(g.sum(0))
-            offset = 0
-            for p, summed in zip(self.params, clipped):
-                p.grad = (summed + noise[offset:offset + p.numel()].view_as(p)) / self.expected_batch_size
-                offset += p.numel()
+            for p, summed, part in zip(self.params, clipped, noise.split(self.sizes)):
+                p.grad = (summed + part.view_as(p)) / self.expected_batch_size
         self.optimizer.step()
         return loss_sum.detach() / max(len(targets), 1)
