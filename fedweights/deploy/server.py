@@ -80,7 +80,11 @@ def run_server(
     node_keys = security.validate()
     host, port = split_address(address, "--address")
     _check_he(config)
-    _check_fused_dp(config)
+    if config.dp.enabled:  # privacy.plan loads Opacus: only for DP runs
+        from ..privacy.plan import check_grad_sample_mode
+        from ..task import resolve_task
+
+        check_grad_sample_mode(config, lambda: resolve_task(config).model_fn())
     build_strategy(config)  # fail fast on an unknown or unloadable strategy
     publish_preflight(config)
     out = Path(config.out) if config.out else default_run_dir()
@@ -167,16 +171,6 @@ def _check_he(config: RunConfig) -> None:
     from ..task import resolve_task
 
     layout_of(resolve_task(config).model_fn().state_dict())  # a model --he cannot aggregate (integer buffers)
-
-
-def _check_fused_dp(config: RunConfig) -> None:
-    """``[dp] grad_sample_mode = "fused"`` on a model it cannot train: refused here, not by every
-    client in every round."""
-    if config.dp.enabled and config.dp.grad_sample_mode == "fused":
-        from ..privacy.dp_sgd import choose_grad_sample_mode
-        from ..task import resolve_task
-
-        choose_grad_sample_mode(resolve_task(config).model_fn(), "fused")
 
 
 def _superlink_argv(host: str, port: int, database: Path, security: ServerSecurity) -> list[str]:

@@ -71,12 +71,10 @@ def _simulate_in(out: Path, config: RunConfig, task: Task | None, reporter: Rich
         shards = [runtime.task().client_data(i, config.clients, config) for i in range(config.clients)]
         _check_max_examples(config.strategy.max_examples, shards)
     if config.dp.enabled:  # unreachable target ε, budget below one round: refuse before Ray starts
-        from ..privacy.plan import check_dp_run
+        from ..privacy.plan import check_dp_run, check_grad_sample_mode
 
         check_dp_run(config, [len(shard.train) for shard in shards])
-        from ..privacy.dp_sgd import choose_grad_sample_mode
-
-        choose_grad_sample_mode(runtime.task().model_fn(), config.dp.grad_sample_mode)  # 'fused' on a model it cannot train
+        check_grad_sample_mode(config, runtime.task().model_fn)
     reporter = reporter or RichReporter()
     if not config.resume:  # a new run in an earlier run's directory: its results (and keys) move aside first
         announce_archive(reporter, archive_previous_run(out, keep=own_keys(config, out)))  # --he-key RUN/keys/…: kept

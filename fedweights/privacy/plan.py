@@ -9,13 +9,15 @@ With ``target_epsilon`` the noise multiplier is calibrated for the whole planned
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+
+from torch import nn
 
 from ..config import DPConfig, RunConfig
 from ..errors import ConfigError, UserError
 from .accounting import MAX_NOISE_MULTIPLIER, MAX_STEPS, calibrate_noise, default_delta, epsilon
-from .dp_sgd import RoundPlan
+from .dp_sgd import RoundPlan, choose_grad_sample_mode
 
 DEFAULT_NOISE_MULTIPLIER = 1.0  # used when neither noise_multiplier nor target_epsilon is given
 
@@ -48,6 +50,14 @@ def round_plan(n_examples: int, config: RunConfig, calibrated: float | None = No
     else:
         sigma = dp.noise_multiplier if dp.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
     return RoundPlan(sigma, rate, steps, dp.max_grad_norm, config.batch_size, config.local_epochs, n_examples)
+
+
+def check_grad_sample_mode(config: RunConfig, model_fn: Callable[[], nn.Module]) -> None:
+    """Refuse ``[dp] grad_sample_mode = "fused"`` for a model fused DP-SGD cannot train (UserError),
+    before any process starts, instead of every client failing every round. ``model_fn`` is
+    called only then."""
+    if config.dp.enabled and config.dp.grad_sample_mode == "fused":
+        choose_grad_sample_mode(model_fn(), "fused")
 
 
 @lru_cache(maxsize=32)
